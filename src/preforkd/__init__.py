@@ -1,0 +1,14 @@
+"""preforkd: a pre-fork daemon supervisor for Unix.
+
+The public API is the handler API (``docs/handlers.md``); everything else is the
+supervisor's own machinery and may change.
+"""
+
+from .handler import CLOSE, Close, LineHandler, Reply, connection_handler
+from .protocol import BadEncoding, Connection, IdleTimeout, LineTooLong, ProtocolError
+
+__all__ = [
+    "CLOSE", "Close", "LineHandler", "Reply", "connection_handler",
+    "Connection", "ProtocolError", "LineTooLong", "BadEncoding", "IdleTimeout",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,497 @@
+"""Configuration: TOML file -> validated, frozen dataclasses.
+
+Every mistake raises :class:`ConfigError`, whose ``str()`` is one line naming the
+file, the key path and what is wrong, e.g.::
+
+    preforkd.toml: service[1].workers: must be an integer >= 1, got "four"
+
+Service indexes in key paths count from 0, in file order. Relative paths are
+resolved against the configuration file's directory. Unknown keys are errors.
+The keys are documented in ``docs/configuration.md`` and ``etc/preforkd.toml``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from .addresses import Address, AddressError, parse_address
+
+DEFAULT_CONFIG_PATH = "/etc/preforkd/preforkd.toml"
+DEFAULT_HANDLER = "preforkd.services:echo"
+#: What a command service's program gets as PATH (no inherited PATH).
+SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("auto", "json", "console")
+
+
+class ConfigError(Exception):
+    """A configuration mistake, rendered as one line: ``FILE: KEY.PATH: what is wrong``."""
+
+    def __init__(self, source: str, keypath: str, message: str) -> None:
+        self.source = source
+        self.keypath = keypath
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        if self.keypath:
+            return f"{self.source}: {self.keypath}: {self.message}"
+        return f"{self.source}: {self.message}"
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    pidfile: str
+    control_socket: str
+    graceful_timeout: float
+    working_directory: str
+    umask: int
+    user: str
+    group: str
+    python_path: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str
+    format: str
+    file: str
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    listen: Tuple[Address, ...]
+    handler: str
+    command: Tuple[str, ...]
+    workers: int
+    max_requests: int
+    idle_timeout: float
+    max_line_length: int
+    backlog: int
+    socket_mode: int
+    reuse_port: bool
+
+    @property
+    def is_command(self) -> bool:
+        return bool(self.command)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration. ``path`` is absolute, or "" for the built-in default."""
+
+    path: str
+    supervisor: SupervisorConfig
+    log: LogConfig
+    services: Tuple[ServiceConfig, ...]
+    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self.path or "<built-in default>"
+
+
+def default_runtime_dir() -> str:
+    """Where the built-in default keeps its pidfile and control socket.
+
+    ``/run/preforkd`` for root, else ``$XDG_RUNTIME_DIR/preforkd``, else
+    ``/tmp/preforkd-UID``.
+    """
+    if os.geteuid() == 0:
+        return "/run/preforkd"
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "preforkd")
+    return f"/tmp/preforkd-{os.geteuid()}"
+
+
+# -- validation helpers -------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return str(value)
+
+
+class _Validator:
+    def __init__(self, source: str, base_dir: str) -> None:
+        self.source = source
+        self.base_dir = base_dir
+
+    def fail(self, keypath: str, message: str) -> ConfigError:
+        return ConfigError(self.source, keypath, message)
+
+    def table(self, data: Any, keypath: str, allowed: Tuple[str, ...]) -> dict:
+        if not isinstance(data, dict):
+            raise self.fail(keypath, f"must be a table, got {_show(data)}")
+        for key in data:
+            if key not in allowed:
+                where = f"{keypath}.{key}" if keypath else key
+                raise self.fail(where, "unknown key (allowed: " + ", ".join(allowed) + ")")
+        return data
+
+    def string(self, data: dict, key: str, keypath: str, default: str, allow_empty: bool = True) -> str:
+        value = data.get(key, default)
+        if not isinstance(value, str):
+            raise self.fail(f"{keypath}.{key}", f"must be a string, got {_show(value)}")
+        if not allow_empty and not value:
+            raise self.fail(f"{keypath}.{key}", "must not be empty")
+        return value
+
+    def integer(self, data: dict, key: str, keypath: str, default: int, minimum: int) -> int:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise self.fail(f"{keypath}.{key}", f"must be an integer >= {minimum}, got {_show(value)}")
+        return value
+
+    def number(self, data: dict, key: str, keypath: str, default: float, positive: bool = True) -> float:
+        value = data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+            raise self.fail(f"{keypath}.{key}", f"must be a number of seconds > 0, got {_show(value)}")
+        return float(value)
+
+    def boolean(self, data: dict, key: str, keypath: str, default: bool) -> bool:
+        value = data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.fail(f"{keypath}.{key}", f"must be true or false, got {_show(value)}")
+        return value
+
+    def octal(self, data: dict, key: str, keypath: str, default: str) -> int:
+        value = data.get(key, default)
+        if isinstance(value, str):
+            try:
+                mode = int(value, 8)
+            except ValueError:
+                mode = -1
+            if 0 <= mode <= 0o777:
+                return mode
+        raise self.fail(f"{keypath}.{key}", f'must be an octal string such as "0660", got {_show(value)}')
+
+    def path(self, value: str) -> str:
+        if not value:
+            return ""
+        value = os.path.expanduser(value)
+        return os.path.normpath(os.path.join(self.base_dir, value))
+
+
+# -- loading ------------------------------------------------------------------
+
+SUPERVISOR_KEYS = (
+    "pidfile", "control_socket", "graceful_timeout", "working_directory",
+    "umask", "user", "group", "python_path",
+)
+LOG_KEYS = ("level", "format", "file")
+SERVICE_KEYS = (
+    "name", "listen", "handler", "command", "workers", "max_requests", "idle_timeout",
+    "max_line_length", "backlog", "socket_mode", "reuse_port",
+)
+
+BUILTIN_DEFAULT: dict = {
+    "service": [{"name": "echo", "listen": ["tcp://127.0.0.1:7000"], "handler": DEFAULT_HANDLER}],
+}
+
+
+def resolve_config_path(path: Optional[str]) -> Optional[str]:
+    """The file the CLI should load: *path* if given, else the system default if it
+    exists, else ``None`` (meaning the built-in default configuration)."""
+    if path:
+        return path
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def load_config(path: Optional[str], import_handlers: bool = True) -> Config:
+    """Read and validate a configuration file.
+
+    :param path: the TOML file; ``None`` gives the built-in default (one ``echo``
+        service on ``tcp://127.0.0.1:7000``, runtime files under
+        :func:`default_runtime_dir`).
+    :param import_handlers: also import every ``handler`` and check it is usable
+        (``preforkd check`` and start-up do; the running master checking a reload
+        does not, so that its own modules stay as they are).
+    :returns: a frozen :class:`Config`.
+    :raises ConfigError: on any mistake, including an unreadable file and TOML syntax
+        errors (with line and column).
+    """
+    if path is None:
+        runtime = default_runtime_dir()
+        data: dict = {
+            "supervisor": {
+                "pidfile": os.path.join(runtime, "preforkd.pid"),
+                "control_socket": os.path.join(runtime, "preforkd.sock"),
+            },
+            **BUILTIN_DEFAULT,
+        }
+        return build_config(data, "<built-in default>", os.getcwd(), "", import_handlers)
+    source = path
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "", f"not UTF-8 text (byte offset {exc.start})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"invalid TOML: {_toml_message(exc)}") from None
+    abspath = os.path.abspath(path)
+    return build_config(data, source, os.path.dirname(abspath), abspath, import_handlers)
+
+
+def _toml_message(exc: Exception) -> str:
+    # tomllib puts "(at line L, column C)" in the message; keep it on one line.
+    return " ".join(str(exc).split())
+
+
+def build_config(data: dict, source: str, base_dir: str, abspath: str, import_handlers: bool) -> Config:
+    """Validate an already parsed TOML document (see :func:`load_config`)."""
+    v = _Validator(source, base_dir)
+    v.table(data, "", ("supervisor", "log", "service"))
+
+    sup = v.table(data.get("supervisor", {}), "supervisor", SUPERVISOR_KEYS)
+    python_path = sup.get("python_path", [])
+    if not isinstance(python_path, list) or not all(isinstance(p, str) and p for p in python_path):
+        raise v.fail("supervisor.python_path", f"must be an array of directory names, got {_show(python_path)}")
+    umask = v.octal(sup, "umask", "supervisor", "022")
+    supervisor = SupervisorConfig(
+        pidfile=v.path(v.string(sup, "pidfile", "supervisor", "run/preforkd.pid")),
+        control_socket=v.path(v.string(sup, "control_socket", "supervisor", "run/preforkd.sock")),
+        graceful_timeout=v.number(sup, "graceful_timeout", "supervisor", 30),
+        working_directory=v.path(v.string(sup, "working_directory", "supervisor", "/", allow_empty=False)),
+        umask=umask,
+        user=v.string(sup, "user", "supervisor", ""),
+        group=v.string(sup, "group", "supervisor", ""),
+        python_path=tuple(v.path(p) for p in python_path),
+    )
+    if supervisor.user:
+        _check_user(v, supervisor.user)
+    if supervisor.group:
+        _check_group(v, supervisor.group)
+
+    lg = v.table(data.get("log", {}), "log", LOG_KEYS)
+    level = v.string(lg, "level", "log", "info")
+    if level not in LOG_LEVELS:
+        raise v.fail("log.level", f"must be one of {', '.join(LOG_LEVELS)}, got {_show(level)}")
+    fmt = v.string(lg, "format", "log", "auto")
+    if fmt not in LOG_FORMATS:
+        raise v.fail("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {_show(fmt)}")
+    log = LogConfig(level=level, format=fmt, file=v.path(v.string(lg, "file", "log", "")))
+
+    raw_services = data.get("service", [])
+    if not isinstance(raw_services, list):
+        raise v.fail("service", "must be an array of tables ([[service]]), got " + _show(raw_services))
+    if not raw_services:
+        raise v.fail("service", "at least one [[service]] is required")
+    services = []
+    names: dict = {}
+    addresses: dict = {}
+    for index, raw in enumerate(raw_services):
+        kp = f"service[{index}]"
+        svc = _service(v, raw, kp)
+        if svc.name in names:
+            raise v.fail(f"{kp}.name", f'duplicate service name "{svc.name}" (also service[{names[svc.name]}])')
+        names[svc.name] = index
+        for j, addr in enumerate(svc.listen):
+            key = addr.identity()
+            if key is None:
+                continue
+            if key in addresses:
+                other = addresses[key]
+                raise v.fail(f"{kp}.listen[{j}]", f"{addr} is already used by {other}")
+            addresses[key] = f"{kp}.listen[{j}] ({svc.name})"
+        services.append(svc)
+
+    config = Config(path=abspath, supervisor=supervisor, log=log, services=tuple(services), raw=data)
+    if import_handlers:
+        check_handlers(config)
+    return config
+
+
+def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
+    svc = v.table(raw, kp, SERVICE_KEYS)
+    name = v.string(svc, "name", kp, "", allow_empty=False) if "name" in svc else None
+    if name is None:
+        raise v.fail(f"{kp}.name", "is required")
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise v.fail(f"{kp}.name", f"must use only letters, digits, '-', '_' and '.', got {_show(name)}")
+    listen_raw = svc.get("listen")
+    if listen_raw is None:
+        raise v.fail(f"{kp}.listen", 'is required (e.g. ["tcp://127.0.0.1:7000"])')
+    if isinstance(listen_raw, str):
+        listen_raw = [listen_raw]
+    if not isinstance(listen_raw, list) or not listen_raw:
+        raise v.fail(f"{kp}.listen", f"must be a non-empty array of addresses, got {_show(listen_raw)}")
+    listen = []
+    seen = set()
+    for j, item in enumerate(listen_raw):
+        if not isinstance(item, str):
+            raise v.fail(f"{kp}.listen[{j}]", f"must be a string, got {_show(item)}")
+        try:
+            addr = parse_address(item, v.base_dir)
+        except AddressError as exc:
+            raise v.fail(f"{kp}.listen[{j}]", str(exc)) from None
+        key = addr.identity()
+        if key is not None and key in seen:
+            raise v.fail(f"{kp}.listen[{j}]", f"{addr} is listed twice")
+        seen.add(key)
+        listen.append(addr)
+
+    if "handler" in svc and "command" in svc:
+        raise v.fail(kp, "give either handler or command, not both")
+    command: Tuple[str, ...] = ()
+    handler = ""
+    if "command" in svc:
+        cmd = svc["command"]
+        if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd) or not cmd[0]:
+            raise v.fail(f"{kp}.command", f'must be a non-empty array of strings (no shell), got {_show(cmd)}')
+        program = cmd[0]
+        if "/" not in program:
+            found = _which(program)
+            if found is None:
+                raise v.fail(f"{kp}.command[0]", f"{_show(program)} not found in PATH {SAFE_PATH}")
+            program = found
+        else:
+            program = v.path(program)
+        if not os.path.isfile(program) or not os.access(program, os.X_OK):
+            raise v.fail(f"{kp}.command[0]", f"{_show(program)} is not an executable file")
+        command = (program, *cmd[1:])
+    else:
+        handler = v.string(svc, "handler", kp, DEFAULT_HANDLER, allow_empty=False)
+        module, _, attr = handler.partition(":")
+        if not module or not attr or not all(part.isidentifier() for part in module.split(".") + attr.split(".")):
+            raise v.fail(f"{kp}.handler", f'must be "module:attribute", got {_show(handler)}')
+
+    return ServiceConfig(
+        name=name,
+        listen=tuple(listen),
+        handler=handler,
+        command=command,
+        workers=v.integer(svc, "workers", kp, 4, 1),
+        max_requests=v.integer(svc, "max_requests", kp, 0, 0),
+        idle_timeout=v.number(svc, "idle_timeout", kp, 300),
+        max_line_length=v.integer(svc, "max_line_length", kp, 8192, 1),
+        backlog=v.integer(svc, "backlog", kp, 1024, 1),
+        socket_mode=v.octal(svc, "socket_mode", kp, "0660"),
+        reuse_port=v.boolean(svc, "reuse_port", kp, False),
+    )
+
+
+def _which(program: str) -> Optional[str]:
+    for d in SAFE_PATH.split(":"):
+        candidate = os.path.join(d, program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _check_user(v: _Validator, user: str) -> None:
+    import pwd
+
+    try:
+        pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise v.fail("supervisor.user", f"no such user {_show(user)}") from None
+
+
+def _check_group(v: _Validator, group: str) -> None:
+    import grp
+
+    try:
+        grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))
+    except KeyError:
+        raise v.fail("supervisor.group", f"no such group {_show(group)}") from None
+
+
+def listener_keys(config: Config) -> "list[tuple[str, Address, ServiceConfig]]":
+    """Every configured listener with the key it is known by across reloads.
+
+    A fixed address is its own key (``tcp://127.0.0.1:7000``); an ephemeral one
+    (port 0) is not unique, so its key also names the service and its place among
+    that service's identical entries (``tcp://127.0.0.1:0@echo#0``): the port it
+    got is kept across reloads as long as that entry stays.
+    """
+    out = []
+    for svc in config.services:
+        seen: dict = {}
+        for addr in svc.listen:
+            text = str(addr)
+            if addr.identity() is None:
+                n = seen.get(text, 0)
+                seen[text] = n + 1
+                text = f"{text}@{svc.name}#{n}"
+            out.append((text, addr, svc))
+    return out
+
+
+def add_python_path(config: Config) -> None:
+    """Put ``supervisor.python_path`` in front of ``sys.path`` (idempotent)."""
+    for entry in reversed(config.supervisor.python_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def check_handlers(config: Config) -> None:
+    """Import every service's handler and check it is a usable handler.
+
+    :raises ConfigError: naming ``service[i].handler`` when the module cannot be
+        imported (any exception at import time, summarised on one line) or the
+        attribute is missing or not a handler.
+    """
+    add_python_path(config)
+    for index, svc in enumerate(config.services):
+        if svc.is_command:
+            continue
+        try:
+            resolve_handler(svc.handler)
+        except HandlerImportError as exc:
+            raise ConfigError(config.source, f"service[{index}].handler", str(exc)) from None
+
+
+class HandlerImportError(Exception):
+    """A ``module:attribute`` handler that cannot be imported or used."""
+
+
+def resolve_handler(spec: str) -> Callable[..., Any]:
+    """Import ``module:attribute`` and return the attribute.
+
+    :raises HandlerImportError: with a one-line reason.
+    """
+    from .handler import is_handler
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import-time failure is a config error
+        first = " ".join(str(exc).split())
+        raise HandlerImportError(f"cannot import {module_name}: {type(exc).__name__}: {first}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise HandlerImportError(f"module {module_name} has no attribute {attr}") from None
+    if not is_handler(obj):
+        raise HandlerImportError(
+            f"{spec} is not a handler (a function of one line, a LineHandler subclass, "
+            "or a @connection_handler function)"
+        )
+    return obj

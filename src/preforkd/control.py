@@ -1,0 +1,194 @@
+"""The control socket: a Unix stream socket (mode 0600) speaking a line protocol.
+
+Commands, one line each; the reply is one line, then the server closes:
+
+* ``status`` — the status document as one JSON object (see ``docs/status.md``);
+* ``ping`` — ``pong``.
+
+Everything is non-blocking and driven by the master's selector, so a slow or
+silent client never stalls the master loop; a client gets
+:data:`CLIENT_TIMEOUT` seconds to send its line and read the reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import selectors
+import socket
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from .listeners import ListenerError, remove_stale_unix_socket, unlink_if_ours
+
+CLIENT_TIMEOUT = 5.0
+MAX_REQUEST = 1024
+
+
+class _Client:
+    __slots__ = ("sock", "inbuf", "outbuf", "deadline")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbuf = b""
+        self.outbuf = b""
+        self.deadline = time.monotonic() + CLIENT_TIMEOUT
+
+
+class ControlServer:
+    """Serves the control protocol from inside the master loop.
+
+    :param status: a callable returning the status document (a JSON-able dict).
+    """
+
+    def __init__(self, selector: selectors.BaseSelector, status: Callable[[], Dict[str, Any]]) -> None:
+        self.selector = selector
+        self.status = status
+        self.sock: Optional[socket.socket] = None
+        self.path = ""
+        self.file_id: Optional[Tuple[int, int]] = None
+        self.clients: Dict[int, _Client] = {}
+
+    def bind(self, path: str) -> None:
+        """Create the socket file at *path* (mode 0600, parents created).
+
+        :raises ListenerError: when *path* is taken by a live server or is not a socket.
+        """
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        remove_stale_unix_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            sock.close()
+            raise ListenerError(f"cannot bind control socket {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        st = os.lstat(path)
+        sock.listen(16)
+        self._use(sock, path, (st.st_dev, st.st_ino))
+
+    def adopt(self, fd: int, path: str, file_id: Optional[Tuple[int, int]]) -> None:
+        """Keep serving on an inherited control socket (re-exec)."""
+        sock = socket.socket(fileno=fd)
+        os.set_inheritable(fd, False)
+        self._use(sock, path, file_id)
+
+    def _use(self, sock: socket.socket, path: str, file_id: Optional[Tuple[int, int]]) -> None:
+        sock.setblocking(False)
+        self.sock, self.path, self.file_id = sock, path, file_id
+        self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
+
+    def fileno(self) -> Optional[int]:
+        return self.sock.fileno() if self.sock else None
+
+    def _on_accept(self, _mask: int) -> None:
+        assert self.sock is not None
+        for _ in range(16):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ECONNABORTED):
+                    return
+                raise
+            conn.setblocking(False)
+            client = _Client(conn)
+            self.clients[conn.fileno()] = client
+            self.selector.register(conn, selectors.EVENT_READ, lambda mask, c=client: self._on_client(c, mask))
+
+    def _on_client(self, client: _Client, mask: int) -> None:
+        try:
+            if mask & selectors.EVENT_READ and not client.outbuf:
+                data = client.sock.recv(4096)
+                if not data:
+                    return self._drop(client)
+                client.inbuf += data
+                if b"\n" in client.inbuf:
+                    line = client.inbuf.split(b"\n", 1)[0].strip().decode("utf-8", "replace")
+                    client.outbuf = (self._answer(line) + "\n").encode("utf-8")
+                    self.selector.modify(client.sock, selectors.EVENT_WRITE,
+                                         lambda m, c=client: self._on_client(c, m))
+                elif len(client.inbuf) > MAX_REQUEST:
+                    return self._drop(client)
+            if mask & selectors.EVENT_WRITE and client.outbuf:
+                sent = client.sock.send(client.outbuf)
+                client.outbuf = client.outbuf[sent:]
+                if not client.outbuf:
+                    self._drop(client)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop(client)
+
+    def _answer(self, line: str) -> str:
+        cmd = line.split()[0].lower() if line.split() else ""
+        if cmd == "status":
+            return json.dumps(self.status(), separators=(",", ":"))
+        if cmd == "ping":
+            return "pong"
+        return json.dumps({"error": f"unknown command {line[:40]!r}; try status or ping"})
+
+    def _drop(self, client: _Client) -> None:
+        self.clients.pop(client.sock.fileno(), None)
+        try:
+            self.selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+
+    def expire(self, now: float) -> None:
+        """Drop clients that overran :data:`CLIENT_TIMEOUT`."""
+        for client in [c for c in self.clients.values() if c.deadline <= now]:
+            self._drop(client)
+
+    def close_clients(self) -> None:
+        for client in list(self.clients.values()):
+            self._drop(client)
+
+    def close(self, unlink: bool = True) -> None:
+        """Stop serving; remove the socket file if it is still ours."""
+        self.close_clients()
+        if self.sock is not None:
+            try:
+                self.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+            self.sock.close()
+            self.sock = None
+        if unlink and self.file_id:
+            unlink_if_ours(self.path, self.file_id)
+
+
+def query(path: str, command: str = "status", timeout: float = 5.0) -> str:
+    """Send one command to the control socket at *path* and return the reply line.
+
+    :raises OSError: when nothing answers there (no such file, refused, timeout).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(command.encode() + b"\n")
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks).decode("utf-8").strip()
+
+
+def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
+    """The master's status document.
+
+    :raises OSError: nothing answers at *path*.
+    :raises ValueError: the reply is not a status document.
+    """
+    reply = json.loads(query(path, "status", timeout))
+    if not isinstance(reply, dict) or "pid" not in reply:
+        raise ValueError(f"unexpected reply from {path}")
+    return reply

@@ -1,0 +1,119 @@
+"""A locked pidfile.
+
+The master holds an exclusive ``flock(2)`` on the pidfile for as long as it lives
+(across re-exec too: the descriptor is inherited), so a second supervisor can tell
+a live owner from a stale file without trusting the pid alone. A file that is not
+locked is stale when its pid is dead or now belongs to another program (checked
+with psutil), and is replaced. The file is removed on a clean exit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from typing import Optional
+
+import psutil
+
+
+class PidfileError(Exception):
+    """The pidfile cannot be taken; the message is one line (e.g. already running)."""
+
+
+def read_pid(path: str) -> Optional[int]:
+    """The pid written in *path*, or ``None`` if the file is missing or not a pid."""
+    try:
+        with open(path, "r", encoding="ascii", errors="replace") as f:
+            text = f.read(64).strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def is_locked(path: str) -> bool:
+    """True when some process holds the pidfile's lock (a live supervisor)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return False
+
+
+def looks_like_preforkd(pid: int) -> bool:
+    """Is *pid* alive and a preforkd process (by its command line, via psutil)?"""
+    try:
+        proc = psutil.Process(pid)
+        cmdline = " ".join(proc.cmdline())
+        name = proc.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+    return "preforkd" in cmdline or "preforkd" in name
+
+
+class Pidfile:
+    """The master's pidfile. :meth:`acquire` takes it; :meth:`remove` gives it up."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: Optional[int] = None
+
+    def acquire(self, pid: int) -> None:
+        """Create or take over the pidfile, lock it, and write *pid*.
+
+        :raises PidfileError: another live supervisor holds it, or it cannot be written.
+        """
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise PidfileError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            other = read_pid(self.path)
+            raise PidfileError(
+                f"already running: pidfile {self.path} is locked by pid {other if other else 'unknown'}"
+            ) from None
+        old = read_pid(self.path)
+        if old and old != pid and looks_like_preforkd(old):
+            os.close(fd)
+            raise PidfileError(f"already running: pid {old} in {self.path} is a live preforkd process")
+        self.fd = fd
+        self.write(pid)
+
+    def adopt(self, fd: int) -> None:
+        """Keep using an inherited, already locked pidfile descriptor (re-exec)."""
+        self.fd = fd
+
+    def write(self, pid: int) -> None:
+        if self.fd is None:
+            return
+        data = f"{pid}\n".encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+
+    def remove(self) -> None:
+        """Unlink the file (if it is still ours) and release the lock."""
+        if self.fd is None:
+            return
+        try:
+            st = os.fstat(self.fd)
+            cur = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino):
+                os.unlink(self.path)
+        except OSError:
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None

@@ -1,0 +1,314 @@
+"""Line framing and connection serving (runs in workers only).
+
+Lenient in, strict out (RFC 1123 section 1.2.2 / perlipc "Internet Line
+Terminators"): an input line ends in CRLF or a lone LF, a line still open at end of
+input counts as a last line, and every output line ends in CRLF.
+
+Limits are per connection:
+
+* ``max_line_length`` (bytes, terminator excluded): a longer line gets
+  ``ERROR line too long (max N bytes)`` and a close; the buffer never holds more
+  than one maximum line plus one ``recv``.
+* ``idle_timeout`` (seconds): enforced by the kernel with ``SO_RCVTIMEO`` and
+  ``SO_SNDTIMEO`` (socket(7)), so a silent client or one that stops reading costs
+  no extra system call per line; on expiry the worker sends ``ERROR idle timeout``
+  and closes.
+
+Undecodable input (not UTF-8), a reset or vanished client and a handler that
+raises are each logged as one event (``connection.*``) and end that connection
+only.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any, Callable, List, Optional, Tuple
+
+from . import log
+from .handler import Close, LineHandler, Reply
+
+RECV_SIZE = 65536
+CRLF = b"\r\n"
+
+
+class ProtocolError(Exception):
+    """A client broke the line protocol; ``reply`` is the error line sent before closing."""
+
+    event = "connection.protocol_error"
+    reply = "ERROR protocol error"
+
+
+class LineTooLong(ProtocolError):
+    event = "connection.line_too_long"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"line longer than {limit} bytes")
+        self.reply = f"ERROR line too long (max {limit} bytes)"
+
+
+class BadEncoding(ProtocolError):
+    event = "connection.bad_encoding"
+    reply = "ERROR invalid UTF-8"
+
+
+class IdleTimeout(ProtocolError):
+    event = "connection.idle_timeout"
+    reply = "ERROR idle timeout"
+
+
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Set ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` on a blocking socket (socket(7))."""
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def encode_reply(reply: Reply) -> Tuple[bytes, bool]:
+    """A Reply as wire bytes (CRLF-terminated lines) and whether to close after it.
+
+    :raises TypeError: for a value that is not a Reply.
+    :raises ValueError: for a reply line containing CR or LF.
+    """
+    if reply is None:
+        return b"", False
+    close = False
+    if isinstance(reply, Close):
+        close = True
+        reply = reply.reply
+        if reply is None:
+            return b"", True
+    if isinstance(reply, str):
+        if "\n" in reply or "\r" in reply:
+            raise ValueError("a reply line must not contain CR or LF; return a list of lines")
+        return reply.encode("utf-8") + CRLF, close
+    if isinstance(reply, (list, tuple)):
+        parts = []
+        for item in reply:
+            data, _ = encode_reply(item if isinstance(item, str) else _bad(item))
+            parts.append(data)
+        return b"".join(parts), close
+    return _bad(reply)
+
+
+def _bad(value: Any) -> Any:
+    raise TypeError(f"a handler must return None, str, a list of str or Close, not {type(value).__name__}")
+
+
+class Connection:
+    """One accepted client connection, as a handler sees it.
+
+    Attributes: ``sock`` (the connected socket, blocking, with the idle timeout
+    set), ``addr`` (the client's address as ``accept()`` returned it), ``peer``
+    (the same as text), ``service`` (the service name), ``max_line_length``
+    (bytes) and ``idle_timeout`` (seconds).
+    """
+
+    __slots__ = ("sock", "addr", "service", "max_line_length", "idle_timeout", "_buf", "_pos", "_eof")
+
+    def __init__(self, sock: socket.socket, addr: Any, service: str, max_line_length: int, idle_timeout: float) -> None:
+        self.sock = sock
+        self.addr = addr
+        self.service = service
+        self.max_line_length = max_line_length
+        self.idle_timeout = idle_timeout
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+
+    @property
+    def peer(self) -> str:
+        addr = self.addr
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+        return "unix"
+
+    def _recv(self) -> bytes:
+        try:
+            return self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, socket.timeout):
+            raise IdleTimeout("no input for %g s" % self.idle_timeout) from None
+
+    def readline_bytes(self) -> Optional[bytes]:
+        """The next input line as bytes without its terminator, or ``None`` at end of input.
+
+        :raises LineTooLong: the line exceeds ``max_line_length`` bytes.
+        :raises IdleTimeout: nothing arrived for ``idle_timeout`` seconds.
+        :raises ConnectionError: the client reset the connection.
+        """
+        limit = self.max_line_length
+        while True:
+            buf, pos = self._buf, self._pos
+            i = buf.find(b"\n", pos)
+            if i >= 0:
+                end = i - 1 if i > pos and buf[i - 1] == 13 else i
+                if end - pos > limit:
+                    raise LineTooLong(limit)
+                self._pos = i + 1
+                return buf[pos:end]
+            if self._eof:
+                if pos < len(buf):
+                    self._pos = len(buf)
+                    return buf[pos:]
+                return None
+            if len(buf) - pos > limit + 1:
+                raise LineTooLong(limit)
+            data = self._recv()
+            if not data:
+                self._eof = True
+                continue
+            self._buf = buf[pos:] + data if pos < len(buf) else data
+            self._pos = 0
+
+    def readline(self) -> Optional[str]:
+        """The next input line decoded as UTF-8, or ``None`` at end of input.
+
+        :raises BadEncoding: the line is not valid UTF-8.
+        :raises LineTooLong, IdleTimeout, ConnectionError: see :meth:`readline_bytes`.
+        """
+        line = self.readline_bytes()
+        if line is None:
+            return None
+        try:
+            return line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadEncoding("input is not UTF-8") from None
+
+    def write(self, data: bytes) -> None:
+        """Send raw bytes (all of them).
+
+        :raises ConnectionError: the client went away.
+        :raises IdleTimeout: the client stopped reading for ``idle_timeout`` seconds.
+        """
+        try:
+            self.sock.sendall(data)
+        except (BlockingIOError, socket.timeout):
+            raise IdleTimeout("client stopped reading") from None
+
+    def write_line(self, line: str) -> None:
+        """Send one line; CRLF is appended."""
+        self.write(encode_reply(line)[0])
+
+    def send_reply(self, reply: Reply) -> bool:
+        """Send a Reply; returns True when it asks to close the connection."""
+        data, close = encode_reply(reply)
+        if data:
+            self.write(data)
+        return close
+
+
+# -- serving ------------------------------------------------------------------
+
+
+def serve_line_function(conn: Connection, handle: Callable[[str], Reply]) -> None:
+    """Serve a line-function handler: every complete line in a ``recv`` is handled
+    and the replies go out in one ``send`` (one recv and one send per batch)."""
+    sock = conn.sock
+    recv = sock.recv
+    limit = conn.max_line_length
+    pending = b""
+    while True:
+        try:
+            data = recv(RECV_SIZE)
+        except (BlockingIOError, socket.timeout):
+            raise IdleTimeout("no input for %g s" % conn.idle_timeout) from None
+        if not data:
+            if pending:  # a last line without terminator
+                data, pending = pending + b"\n", b""
+            else:
+                return
+        elif pending:
+            data = pending + data
+            pending = b""
+        out: List[bytes] = []
+        pos = 0
+        find = data.find
+        close = False
+        while True:
+            i = find(b"\n", pos)
+            if i < 0:
+                break
+            end = i - 1 if i > pos and data[i - 1] == 13 else i
+            if end - pos > limit:
+                _flush(conn, out)
+                raise LineTooLong(limit)
+            try:
+                line = data[pos:end].decode("utf-8")
+            except UnicodeDecodeError:
+                _flush(conn, out)
+                raise BadEncoding("input is not UTF-8") from None
+            pos = i + 1
+            reply = handle(line)
+            if reply.__class__ is str:
+                out.append(reply.encode("utf-8") + CRLF if "\n" not in reply and "\r" not in reply
+                           else encode_reply(reply)[0])
+            elif reply is not None:
+                encoded, close = encode_reply(reply)
+                out.append(encoded)
+                if close:
+                    break
+        if out:
+            conn.write(out[0] if len(out) == 1 else b"".join(out))
+        if close:
+            return
+        if pos < len(data):
+            pending = data[pos:]
+            if len(pending) > limit + 1:
+                raise LineTooLong(limit)
+
+
+def _flush(conn: Connection, out: List[bytes]) -> None:
+    if out:
+        conn.write(b"".join(out))
+        out.clear()
+
+
+def serve_line_class(conn: Connection, cls: type) -> None:
+    """Serve a :class:`LineHandler` subclass: one instance for this connection."""
+    handler: LineHandler = cls(conn)
+    try:
+        if conn.send_reply(handler.on_connect()):
+            return
+        readline = conn.readline
+        while True:
+            line = readline()
+            if line is None:
+                return
+            if conn.send_reply(handler.on_line(line)):
+                return
+    finally:
+        handler.on_close()
+
+
+def serve(conn: Connection, kind: str, target: Any, logger: Any) -> None:
+    """Serve one connection with a handler of *kind* (see :func:`preforkd.handler.handler_kind`).
+
+    Never raises for anything the client or the handler did: each failure is
+    logged as one ``connection.*`` event and the connection is closed. The caller
+    closes the socket.
+    """
+    try:
+        if kind == "line":
+            serve_line_function(conn, target)
+        elif kind == "class":
+            serve_line_class(conn, target)
+        else:
+            target(conn)
+    except ProtocolError as exc:
+        logger.warning(exc.event, peer=conn.peer, error=str(exc))
+        _try_send(conn, exc.reply)
+    except (ConnectionError, BrokenPipeError) as exc:
+        logger.info("connection.reset", peer=conn.peer, error=exc.strerror or type(exc).__name__)
+    except Exception as exc:  # noqa: BLE001 - a handler bug costs one connection, not the worker
+        logger.error("connection.handler_error", peer=conn.peer, error=f"{type(exc).__name__}: {exc}",
+                     exc_info=True)
+        _try_send(conn, "ERROR internal error")
+
+
+def _try_send(conn: Connection, line: str) -> None:
+    try:
+        conn.sock.settimeout(1.0)
+        conn.sock.sendall(line.encode("utf-8") + CRLF)
+    except OSError:
+        pass
