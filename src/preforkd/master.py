@@ -23,6 +23,7 @@ import gc
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,7 @@ from .handler import handler_kind
 from .listeners import (Listener, ListenerError, address_matches, bind, format_sockname, socket_from_fd,
                         unlink_if_ours)
 from .notify import Notifier
+from .protocol import set_timeouts
 from .pidfile import Pidfile, PidfileError
 from .pool import MIN_UPTIME, Pool, Scoreboard, WorkerInfo
 from .control import ControlServer
@@ -290,6 +292,12 @@ class Master:
                 target = resolve_handler(svc.handler)
                 kind = handler_kind(target) or "line"
             lsts = [self.listeners[key] for key, _, s in listener_keys(self.config) if s is svc]
+            for lst in lsts:
+                if lst.sock.family != socket.AF_UNIX:
+                    # Accepted TCP sockets inherit these (Linux clones the listener's
+                    # socket options): no per-connection setsockopt in the workers.
+                    lst.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    set_timeouts(lst.sock, svc.idle_timeout)
             self.pools[svc.name] = Pool(config=svc, listeners=lsts, handler=target, kind=kind, target=svc.workers)
 
     # -- the loop ------------------------------------------------------------

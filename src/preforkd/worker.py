@@ -253,9 +253,10 @@ def _run(spec: WorkerSpec) -> int:
                 if command:
                     run_command(conn_sock, addr, command, idle_timeout, logger)
                 else:
-                    if conn_sock.family != socket.AF_UNIX:
-                        conn_sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    set_timeouts(conn_sock, idle_timeout)
+                    if conn_sock.family == socket.AF_UNIX:
+                        # TCP connections inherit TCP_NODELAY and the idle timeouts from
+                        # the listener (set by the master); Unix ones do not.
+                        set_timeouts(conn_sock, idle_timeout)
                     serve(Connection(conn_sock, addr, name, limit, idle_timeout), kind, target, logger)
             finally:
                 conn_sock.close()
