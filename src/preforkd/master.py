@@ -29,8 +29,6 @@ import sys
 import time
 from typing import Any, Deque, Dict, List, Optional
 
-import psutil
-
 from . import log, reexec
 from .addresses import Address
 from .config import (Config, ConfigError, ServiceConfig, listener_keys, load_config, resolve_config_path,
@@ -790,6 +788,8 @@ class Master:
         out: Dict[str, Any] = {"pid": w.pid, "number": w.number, "generation": w.generation, "state": state,
                                "connections": self.scoreboard.served(w.slot),
                                "uptime": round(time.monotonic() - w.started, 3)}
+        import psutil  # only status needs it; keeps the re-exec'd image's start-up short
+
         try:
             proc = psutil.Process(w.pid)
             with proc.oneshot():

@@ -13,8 +13,6 @@ import fcntl
 import os
 from typing import Optional
 
-import psutil
-
 
 class PidfileError(Exception):
     """The pidfile cannot be taken; the message is one line (e.g. already running)."""
@@ -49,6 +47,8 @@ def is_locked(path: str) -> bool:
 
 def looks_like_preforkd(pid: int) -> bool:
     """Is *pid* alive and a preforkd process (by its command line, via psutil)?"""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         cmdline = " ".join(proc.cmdline())

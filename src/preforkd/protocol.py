@@ -25,7 +25,6 @@ import socket
 import struct
 from typing import Any, Callable, List, Optional, Tuple
 
-from . import log
 from .handler import Close, LineHandler, Reply
 
 RECV_SIZE = 65536
