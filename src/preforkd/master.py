@@ -49,6 +49,8 @@ HANDLED_SIGNALS = {
 }
 QUICK_STOP_GRACE = 2.0
 CHECK_TIMEOUT = 60.0
+#: Quick worker failures in one pool that make a waiting `preforkd start` fail.
+START_FAILURES = 3
 
 
 class StartupError(Exception):
@@ -479,6 +481,12 @@ class Master:
         if delay is not None:
             self.logger.warning("worker.backoff", service=pool.name, failures=pool.failures,
                                 delay=round(delay, 3), reason=reason)
+            if self.phase == "starting" and self.ready_fd is not None and pool.failures >= START_FAILURES:
+                # `preforkd start` is waiting: a service whose workers cannot start is a
+                # failed start, reported by the launcher, not a daemon left crash-looping.
+                self._report_to_launcher(f"ERROR service {pool.name}: workers exit at start-up ({reason})")
+                self.exit_code = 1
+                self._begin_stop(graceful=True, signame="start-up failure")
 
     def _on_ready_pipe(self, _mask: int) -> None:
         try:

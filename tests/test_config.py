@@ -1,0 +1,109 @@
+"""Every configuration mistake is one line naming the file and key path, exit 1."""
+
+import textwrap
+
+import pytest
+
+from conftest import run_cli
+
+GOOD_SERVICE = '''
+[[service]]
+name = "echo"
+listen = ["tcp://127.0.0.1:0"]
+'''
+
+
+def check(tmp_path, body, command="check"):
+    cfg = tmp_path / "preforkd.toml"
+    cfg.write_text(textwrap.dedent(body))
+    return run_cli(command, "-c", str(cfg), cwd=tmp_path, timeout=30), cfg
+
+
+def assert_one_line_error(res, cfg, *fragments):
+    assert res.returncode == 1, res
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "Traceback" not in res.stderr
+    assert str(cfg) in lines[0]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("body, fragments", [
+    ('[[service]\nname = "x"\n', ["invalid TOML", "line 1"]),
+    ('bogus = 1\n' + GOOD_SERVICE, ["bogus: unknown key"]),
+    ('[supervisor]\npidfle = "x"\n' + GOOD_SERVICE, ["supervisor.pidfle: unknown key"]),
+    (GOOD_SERVICE + 'wrokers = 2\n', ["service[0].wrokers: unknown key"]),
+    (GOOD_SERVICE + GOOD_SERVICE.replace('"echo"', '"two"').replace("listen", "workers = \"four\"\nlisten"),
+     ['service[1].workers: must be an integer >= 1, got "four"']),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "udp://127.0.0.1:5"), ["service[0].listen[0]", "tcp:// or unix:"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://127.0.0.1:99999"), ["service[0].listen[0]", "port"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://::1:7000"), ["service[0].listen[0]", "brackets"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://[zz]:7000"), ["service[0].listen[0]", "IPv6"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "unix:"), ["service[0].listen[0]", "path"]),
+    (GOOD_SERVICE + GOOD_SERVICE, ["service[1].name", "duplicate service name"]),
+    (GOOD_SERVICE.replace(":0", ":7700") + GOOD_SERVICE.replace('"echo"', '"b"').replace(":0", ":7700"),
+     ["service[1].listen[0]", "already used by service[0]"]),
+    (GOOD_SERVICE + 'handler = "no_such_module_xyz:handle"\n', ["service[0].handler", "cannot import no_such_module_xyz"]),
+    (GOOD_SERVICE + 'handler = "preforkd.services:nope"\n', ["service[0].handler", "has no attribute nope"]),
+    (GOOD_SERVICE + 'handler = "not a spec"\n', ["service[0].handler", "module:attribute"]),
+    (GOOD_SERVICE + 'handler = "preforkd.services:echo"\ncommand = ["/bin/cat"]\n', ["service[0]", "either handler or command"]),
+    (GOOD_SERVICE.replace('handler', 'x') + 'command = ["no-such-program-xyz"]\n', ["service[0].command[0]", "not found"]),
+    ('[log]\nlevel = "loud"\n' + GOOD_SERVICE, ["log.level", "must be one of"]),
+    ('[supervisor]\ngraceful_timeout = -1\n' + GOOD_SERVICE, ["supervisor.graceful_timeout"]),
+    ('[supervisor]\numask = "999"\n' + GOOD_SERVICE, ["supervisor.umask", "octal"]),
+    ('[supervisor]\nuser = "no-such-user-xyz"\n' + GOOD_SERVICE, ["supervisor.user", "no such user"]),
+    ("", ["service", "at least one"]),
+])
+def test_mistakes_are_one_line_with_key_path(tmp_path, body, fragments):
+    res, cfg = check(tmp_path, body)
+    assert_one_line_error(res, cfg, *fragments)
+
+
+def test_handler_raising_at_import_is_a_config_error(tmp_path):
+    (tmp_path / "broken_mod.py").write_text("raise RuntimeError('boom at import')\n")
+    res, cfg = check(tmp_path, '[supervisor]\npython_path = ["."]\n' + GOOD_SERVICE + 'handler = "broken_mod:h"\n')
+    assert_one_line_error(res, cfg, "service[0].handler", "RuntimeError: boom at import")
+
+
+def test_not_a_handler(tmp_path):
+    (tmp_path / "mod_nh.py").write_text("VALUE = 3\n")
+    res, cfg = check(tmp_path, '[supervisor]\npython_path = ["."]\n' + GOOD_SERVICE + 'handler = "mod_nh:VALUE"\n')
+    assert_one_line_error(res, cfg, "service[0].handler", "is not a handler")
+
+
+def test_run_with_bad_config_prints_one_line_and_exits_1(tmp_path):
+    res, cfg = check(tmp_path, GOOD_SERVICE + "workers = 0\n", command="run")
+    assert_one_line_error(res, cfg, "service[0].workers")
+
+
+def test_unreadable_file(tmp_path):
+    res = run_cli("check", "-c", str(tmp_path / "missing.toml"))
+    assert res.returncode == 1
+    assert len(res.stderr.strip().splitlines()) == 1 and "cannot read" in res.stderr
+
+
+def test_good_config_checks_ok_and_c_before_command(tmp_path):
+    cfg = tmp_path / "ok.toml"
+    cfg.write_text(GOOD_SERVICE)
+    res = run_cli("-c", str(cfg), "check")
+    assert res.returncode == 0, res.stderr
+    assert "OK" in res.stdout
+
+
+def test_shipped_configs_check(tmp_path):
+    from conftest import ROOT
+
+    for name in ("etc/preforkd.toml", "examples/interactive.toml", "examples/handlers.toml"):
+        res = run_cli("check", "-c", str(ROOT / name))
+        assert res.returncode == 0, (name, res.stderr)
+
+
+def test_builtin_default_checks(tmp_path):
+    import os
+
+    if os.path.exists("/etc/preforkd/preforkd.toml"):
+        pytest.skip("/etc/preforkd/preforkd.toml exists here, so it is the default")
+    res = run_cli("check", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "built-in default" in res.stdout
