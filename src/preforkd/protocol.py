@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from typing import Any, Callable, List, Optional, Tuple
 
 from .handler import Close, LineHandler, Reply
@@ -238,7 +239,11 @@ def serve_line_function(conn: Connection, handle: Callable[[str], Reply]) -> Non
                 _flush(conn, out)
                 raise BadEncoding("input is not UTF-8") from None
             pos = i + 1
-            reply = handle(line)
+            try:
+                reply = handle(line)
+            except BaseException:
+                _flush(conn, out)  # what earlier lines of this batch earned still goes out
+                raise
             if reply.__class__ is str:
                 out.append(reply.encode("utf-8") + CRLF if "\n" not in reply and "\r" not in reply
                            else encode_reply(reply)[0])
@@ -305,9 +310,33 @@ def serve(conn: Connection, kind: str, target: Any, logger: Any) -> None:
         _try_send(conn, "ERROR internal error")
 
 
+#: Lingering close after an error reply (like Apache's lingering_close): read and
+#: discard what the client is still sending for at most this long / this much, so
+#: that closing with unread input does not reset the connection and destroy the
+#: error line before the client has read it.
+LINGER_SECONDS = 0.5
+LINGER_BYTES = 1 << 20
+
+
 def _try_send(conn: Connection, line: str) -> None:
+    sock = conn.sock
     try:
-        conn.sock.settimeout(1.0)
-        conn.sock.sendall(line.encode("utf-8") + CRLF)
+        sock.settimeout(1.0)
+        sock.sendall(line.encode("utf-8") + CRLF)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    deadline = time.monotonic() + LINGER_SECONDS
+    drained = 0
+    try:
+        while drained < LINGER_BYTES:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                return
+            drained += len(data)
     except OSError:
         pass
