@@ -1,0 +1,229 @@
+"""Worker pools: respawn, back-off, no orphans, recycling, signals, graceful stop."""
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+
+from conftest import connect, exchange, pid_gone, recv_all, recv_until, wait_for
+
+POOL = '''
+[supervisor]
+pidfile = "run/preforkd.pid"
+control_socket = "run/preforkd.sock"
+graceful_timeout = 10
+[[service]]
+name = "echo"
+listen = ["tcp://127.0.0.1:0"]
+workers = 3
+'''
+
+
+class Load:
+    """Client threads making short connections until stopped; counts failures."""
+
+    def __init__(self, addr, threads=4):
+        self.addr, self.ok, self.failures = addr, 0, []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, n):
+        i = 0
+        while not self._stop.is_set():
+            msg = f"load {n} {i}".encode()
+            i += 1
+            try:
+                got = exchange(self.addr, msg + b"\n")
+                bad = got != msg + b"\r\n"
+            except OSError as exc:
+                got, bad = repr(exc), True
+            with self._lock:
+                if bad:
+                    self.failures.append(got)
+                else:
+                    self.ok += 1
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+
+
+def test_kill_9_worker_under_load_is_replaced_others_unaffected(supervisor):
+    sv = supervisor(POOL)
+    pids = sv.worker_pids()
+    assert len(pids) == 3
+    load = Load(sv.tcp("echo"))
+    try:
+        wait_for(lambda: load.ok > 50)
+        victim = pids[0]
+        os.kill(victim, signal.SIGKILL)
+        ev = sv.wait_event("worker.exited", child=victim)
+        assert ev["signal"] == "SIGKILL"
+        new = wait_for(lambda: [p for p in sv.worker_pids() if p not in pids], message="replacement")
+        before = load.ok
+        wait_for(lambda: load.ok > before + 50)
+    finally:
+        load.stop()
+    now = sv.worker_pids()
+    assert set(pids[1:]) <= set(now) and new[0] in now and len(now) == 3
+    # at most the one connection the killed worker had in hand
+    assert len(load.failures) <= 1, load.failures
+
+
+def test_kill_9_master_leaves_no_orphans(supervisor):
+    sv = supervisor(POOL)
+    pids = sv.worker_pids()
+    busy = connect(sv.tcp("echo"))  # one worker busy with a connection
+    busy.sendall(b"hold\n")
+    assert recv_until(busy) == b"hold\r\n"
+    try:
+        os.kill(sv.pid, signal.SIGKILL)
+        sv.wait_exit()
+        wait_for(lambda: all(pid_gone(p) for p in pids), timeout=15, message="workers to exit")
+    finally:
+        busy.close()
+
+
+def test_crash_looping_service_backs_off_while_another_serves(supervisor, tmp_path):
+    (tmp_path / "crashy.py").write_text(
+        "import preforkd\n"
+        "class Crashy(preforkd.LineHandler):\n"
+        "    @classmethod\n"
+        "    def worker_init(cls):\n"
+        "        raise ConnectionRefusedError('database is down')\n"
+        "    def on_line(self, line):\n"
+        "        return line\n")
+    sv = supervisor('''
+        [supervisor]
+        pidfile = "run/p.pid"
+        control_socket = "run/p.sock"
+        python_path = ["."]
+        [[service]]
+        name = "crashy"
+        listen = ["tcp://127.0.0.1:0"]
+        handler = "crashy:Crashy"
+        workers = 4
+        [[service]]
+        name = "echo"
+        listen = ["tcp://127.0.0.1:0"]
+        workers = 2
+    ''', ready=False)
+    sv.wait_event("listener.bound", service="echo")
+    ev = sv.wait_event("worker.backoff", count=5, service="crashy", timeout=40)
+    delays = [e["delay"] for e in sv.log.find("worker.backoff", service="crashy")]
+    assert delays[:5] == sorted(delays[:5]) and delays[4] > delays[0], delays
+    assert ev["reason"] == "worker_init failed"
+    assert sv.log.find("worker.init_failed", service="crashy")
+    # the healthy service serves throughout
+    echo = sv.tcp("echo")
+    for i in range(20):
+        assert exchange(echo, f"up {i}\n".encode()) == f"up {i}\r\n".encode()
+    spawned = len(sv.log.find("worker.spawned", service="crashy"))
+    assert spawned < 20, f"fork storm: {spawned} spawns"
+    st = sv.status()
+    crashy = next(s for s in st["services"] if s["name"] == "crashy")
+    assert crashy["backoff"]["failures"] >= 5
+
+
+def test_max_requests_recycles_worker(supervisor):
+    sv = supervisor(POOL.replace("workers = 3", "workers = 1\nmax_requests = 3"))
+    addr = sv.tcp("echo")
+    first = sv.worker_pids()[0]
+    for i in range(3):
+        assert exchange(addr, b"x\n") == b"x\r\n"
+    sv.wait_event("worker.max_requests")
+    ev = sv.wait_event("worker.exited", child=first)
+    assert ev["exit_code"] == 0
+    second = wait_for(lambda: [p for p in sv.worker_pids() if p != first])
+    assert exchange(addr, b"y\n") == b"y\r\n"
+    assert not sv.log.find("worker.backoff")
+    assert second
+
+
+def test_workers_are_named_in_ps(supervisor):
+    sv = supervisor(POOL)
+    names = sorted(" ".join(psutil.Process(p).cmdline()).strip() for p in sv.worker_pids())
+    assert names == ["preforkd: worker echo#1", "preforkd: worker echo#2", "preforkd: worker echo#3"]
+    assert "preforkd: master" in " ".join(psutil.Process(sv.pid).cmdline())
+
+
+def test_ttin_ttou_resize_pool(supervisor):
+    sv = supervisor(POOL)
+    sv.signal(signal.SIGTTIN)
+    wait_for(lambda: len(sv.worker_pids()) == 4 and all(
+        w["state"] == "idle" for w in sv.status()["services"][0]["workers"]))
+    sv.signal(signal.SIGTTOU)  # one at a time: a second pending TTOU would coalesce with the first
+    sv.wait_event("pool.resized", workers=3)
+    sv.signal(signal.SIGTTOU)
+    wait_for(lambda: len(sv.worker_pids()) == 2)
+    assert sv.log.find("pool.resized", workers=2)
+    assert exchange(sv.tcp("echo"), b"resized\n") == b"resized\r\n"
+
+
+def test_usr1_reopens_log_file(supervisor, tmp_path):
+    sv = supervisor(POOL + '\n[log]\nformat = "json"\nfile = "logs/preforkd.log"\n', ready=False)
+    log = tmp_path / "logs" / "preforkd.log"
+    wait_for(lambda: log.exists() and "supervisor.ready" in log.read_text())
+    os.rename(log, tmp_path / "logs" / "preforkd.log.1")
+    sv.signal(signal.SIGUSR1)
+    wait_for(lambda: log.exists() and "log.reopened" in log.read_text())
+    sv.signal(signal.SIGTERM)
+    assert sv.wait_exit() == 0
+    assert "supervisor.stopped" in log.read_text()
+
+
+def test_graceful_term_finishes_connection_in_hand(supervisor, tmp_path):
+    sv = supervisor(POOL)
+    with connect(sv.tcp("echo")) as s:
+        s.sendall(b"before\n")
+        assert recv_until(s) == b"before\r\n"
+        sv.signal(signal.SIGTERM)
+        sv.wait_event("supervisor.stopping")
+        for i in range(5):  # still served after TERM
+            s.sendall(f"after {i}\n".encode())
+            assert recv_until(s) == f"after {i}\r\n".encode()
+        assert sv.proc.poll() is None
+    assert sv.wait_exit() == 0
+    sv.wait_event("supervisor.stopped")
+    assert not (tmp_path / "run" / "preforkd.pid").exists()
+    assert not (tmp_path / "run" / "preforkd.sock").exists()
+    assert not sv.log.find("worker.killed")
+
+
+def test_graceful_timeout_kills_a_connection_that_never_ends(supervisor):
+    sv = supervisor(POOL.replace("graceful_timeout = 10", "graceful_timeout = 1"))
+    with connect(sv.tcp("echo"), timeout=20) as s:
+        s.sendall(b"hi\n")
+        assert recv_until(s) == b"hi\r\n"
+        t0 = time.monotonic()
+        sv.signal(signal.SIGTERM)
+        assert recv_all(s) == b""  # the worker is killed; the connection ends
+        assert sv.wait_exit() == 0
+        assert time.monotonic() - t0 < 15
+
+
+def test_int_is_a_quick_stop(supervisor):
+    sv = supervisor(POOL)
+    pids = sv.worker_pids()
+    with connect(sv.tcp("echo"), timeout=20) as s:
+        s.sendall(b"hi\n")
+        assert recv_until(s) == b"hi\r\n"
+        sv.signal(signal.SIGINT)
+        assert recv_all(s) == b""
+    assert sv.wait_exit() == 0
+    assert all(pid_gone(p) for p in pids)
+    assert sv.log.find("supervisor.stopping", graceful=False)
+
+
+def test_hup_never_kills_the_supervisor(supervisor):
+    sv = supervisor(POOL)
+    sv.signal(signal.SIGHUP)
+    sv.wait_event("config.reloaded")
+    assert exchange(sv.tcp("echo"), b"alive\n") == b"alive\r\n"
+    assert sv.proc.poll() is None
