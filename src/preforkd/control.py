@@ -20,7 +20,8 @@ import socket
 import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from .listeners import ListenerError, remove_stale_unix_socket, unlink_if_ours
+from .addresses import Address
+from .listeners import ListenerError, bind_unix, unlink_if_ours
 
 CLIENT_TIMEOUT = 5.0
 MAX_REQUEST = 1024
@@ -55,21 +56,11 @@ class ControlServer:
 
         :raises ListenerError: when *path* is taken by a live server or is not a socket.
         """
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        remove_stale_unix_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
         try:
-            sock.bind(path)
-        except OSError as exc:
-            sock.close()
-            raise ListenerError(f"cannot bind control socket {path}: {exc.strerror}") from None
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        st = os.lstat(path)
-        sock.listen(16)
-        self._use(sock, path, (st.st_dev, st.st_ino))
+            lst = bind_unix(Address(kind="unix", path=path), backlog=16, mode=0o600)
+        except ListenerError as exc:
+            raise ListenerError(f"control socket: {exc}") from None
+        self._use(lst.sock, path, lst.file_id)
 
     def adopt(self, fd: int, path: str, file_id: Optional[Tuple[int, int]]) -> None:
         """Keep serving on an inherited control socket (re-exec)."""

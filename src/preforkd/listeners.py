@@ -93,7 +93,7 @@ def bind(address: Address, backlog: int, socket_mode: int = 0o660, reuse_port: b
         live server on a Unix path, a path that is not a socket, ...).
     """
     if address.kind == "unix":
-        return _bind_unix(address, backlog, socket_mode, owner)
+        return bind_unix(address, backlog, socket_mode, owner)
     try:
         infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
@@ -116,7 +116,8 @@ def bind(address: Address, backlog: int, socket_mode: int = 0o660, reuse_port: b
     return Listener(address=address, sock=sock, bound=format_sockname(family, sock.getsockname()))
 
 
-def _bind_unix(address: Address, backlog: int, mode: int, owner: Tuple[int, int]) -> Listener:
+def bind_unix(address: Address, backlog: int, mode: int, owner: Tuple[int, int] = (-1, -1)) -> Listener:
+    """Bind a Unix listener at ``address.path`` with permission bits *mode* (see :func:`bind`)."""
     path = address.path
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
