@@ -30,7 +30,8 @@ def assert_one_line_error(res, cfg, *fragments):
 
 
 @pytest.mark.parametrize("body, fragments", [
-    ('[[service]\nname = "x"\n', ["invalid TOML", "line 1"]),
+    ('[[service]\nname = "x"\n', ["invalid TOML", "line 1, column"]),
+    (GOOD_SERVICE + 'workers = [1,\n', ["invalid TOML", "line 6, column"]),
     ('bogus = 1\n' + GOOD_SERVICE, ["bogus: unknown key"]),
     ('[supervisor]\npidfle = "x"\n' + GOOD_SERVICE, ["supervisor.pidfle: unknown key"]),
     (GOOD_SERVICE + 'wrokers = 2\n', ["service[0].wrokers: unknown key"]),
@@ -41,6 +42,14 @@ def assert_one_line_error(res, cfg, *fragments):
     (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://::1:7000"), ["service[0].listen[0]", "brackets"]),
     (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://[zz]:7000"), ["service[0].listen[0]", "IPv6"]),
     (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "unix:"), ["service[0].listen[0]", "path"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://127.0.0.1"), ["service[0].listen[0]", "HOST:PORT"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://127.0.0.1:http"), ["service[0].listen[0]", "port"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://127.0.0.1:\u00b2"), ["service[0].listen[0]", "port"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://999.1.1.1:7000"), ["service[0].listen[0]", "not an IPv4"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "tcp://exa mple:7000"), ["service[0].listen[0]", "host name"]),
+    (GOOD_SERVICE.replace('["tcp://127.0.0.1:0"]', '[7000]'), ["service[0].listen[0]", "must be a string"]),
+    (GOOD_SERVICE.replace('["tcp://127.0.0.1:0"]', '[]'), ["service[0].listen", "non-empty"]),
+    (GOOD_SERVICE.replace("tcp://127.0.0.1:0", "unix:/" + "x" * 120), ["service[0].listen[0]", "longer than 107"]),
     (GOOD_SERVICE + GOOD_SERVICE, ["service[1].name", "duplicate service name"]),
     (GOOD_SERVICE.replace(":0", ":7700") + GOOD_SERVICE.replace('"echo"', '"b"').replace(":0", ":7700"),
      ["service[1].listen[0]", "already used by service[0]"]),
@@ -54,6 +63,19 @@ def assert_one_line_error(res, cfg, *fragments):
     ('[supervisor]\numask = "999"\n' + GOOD_SERVICE, ["supervisor.umask", "octal"]),
     ('[supervisor]\nuser = "no-such-user-xyz"\n' + GOOD_SERVICE, ["supervisor.user", "no such user"]),
     ("", ["service", "at least one"]),
+    (GOOD_SERVICE + 'workers = true\n', ["service[0].workers", "integer >= 1, got true"]),
+    (GOOD_SERVICE + 'workers = 2.5\n', ["service[0].workers", "integer >= 1"]),
+    (GOOD_SERVICE + 'idle_timeout = "5"\n', ["service[0].idle_timeout", "number of seconds"]),
+    (GOOD_SERVICE + 'idle_timeout = nan\n', ["service[0].idle_timeout", "number of seconds > 0, got nan"]),
+    (GOOD_SERVICE + 'idle_timeout = inf\n', ["service[0].idle_timeout", "at most"]),
+    ('[supervisor]\ngraceful_timeout = 1e30\n' + GOOD_SERVICE, ["supervisor.graceful_timeout", "at most"]),
+    (GOOD_SERVICE + 'backlog = 100000000000\n', ["service[0].backlog", "at most"]),
+    (GOOD_SERVICE + 'socket_mode = 660\n', ["service[0].socket_mode", "octal"]),
+    ('[service]\nname = "x"\nlisten = ["tcp://127.0.0.1:0"]\n', ["service", "array of tables"]),
+    ('supervisor = 1\n' + GOOD_SERVICE, ["supervisor", "must be a table"]),
+    (GOOD_SERVICE + 'name2 = "x"\n', ["service[0].name2: unknown key"]),
+    ('[[service]]\nlisten = ["tcp://127.0.0.1:0"]\n', ["service[0].name", "required"]),
+    (GOOD_SERVICE.replace('"echo"', '"a b"'), ["service[0].name", "letters"]),
 ])
 def test_mistakes_are_one_line_with_key_path(tmp_path, body, fragments):
     res, cfg = check(tmp_path, body)
@@ -75,6 +97,14 @@ def test_not_a_handler(tmp_path):
 def test_run_with_bad_config_prints_one_line_and_exits_1(tmp_path):
     res, cfg = check(tmp_path, GOOD_SERVICE + "workers = 0\n", command="run")
     assert_one_line_error(res, cfg, "service[0].workers")
+    assert res.stdout == ""
+
+
+def test_start_with_bad_config_prints_one_line_and_starts_nothing(tmp_path):
+    res, cfg = check(tmp_path, '[supervisor]\npidfile = "run/p.pid"\n' + GOOD_SERVICE + 'workers = "four"\n',
+                     command="start")
+    assert_one_line_error(res, cfg, 'service[0].workers: must be an integer >= 1, got "four"')
+    assert not (tmp_path / "run").exists()
 
 
 def test_unreadable_file(tmp_path):

@@ -88,6 +88,9 @@ def test_start_detaches_and_stop_cleans_up(daemon, tmp_path):
     assert proc.ppid() == 1 or psutil.Process(proc.ppid()).name() != "python"
     log = tmp_path / "log" / "preforkd.log"
     assert stat.S_IMODE(os.stat(log).st_mode) & 0o007 == 0  # umask 027 applied
+    assert stat.S_IMODE(os.stat(tmp_path / "run" / "preforkd.pid").st_mode) == 0o640  # 0644 under umask 022
+    assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(tmp_path / "run" / "preforkd.sock").st_mode) == 0o600
     rc, st = status(cfg)
     assert rc == 0 and st["pid"] == pid and len(st["services"][0]["workers"]) == 2
     workers = [w["pid"] for w in st["services"][0]["workers"]]
@@ -191,18 +194,22 @@ def test_port_in_use_fails_start_and_run(daemon, tmp_path):
     blocker.listen()
     port = blocker.getsockname()[1]
     body = BASE.format(wd=tmp_path).replace("tcp://127.0.0.1:0", f"tcp://127.0.0.1:{port}")
+    log = tmp_path / "log" / "preforkd.log"
     try:
         res, cfg = daemon(body, expect_ok=False)
         assert res.returncode == 1
         assert f"127.0.0.1:{port}" in res.stderr and "in use" in res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "run" / "preforkd.pid").exists()
+        assert log.read_text().count("supervisor.start_failed") == 1
         run = run_cli("run", "-c", str(cfg), timeout=30)
         assert run.returncode == 1
+        assert log.read_text().count("supervisor.start_failed") == 2
+        assert f"127.0.0.1:{port}" in log.read_text().splitlines()[-1]
     finally:
         blocker.close()
-    log = (tmp_path / "log" / "preforkd.log").read_text()
-    assert "supervisor.start_failed" in log
+    assert not (tmp_path / "run" / "preforkd.pid").exists()
+    assert not (tmp_path / "run" / "echo.sock").exists()
 
 
 def test_start_fails_when_workers_cannot_start(daemon, tmp_path):
@@ -267,3 +274,86 @@ def test_command_outliving_idle_timeout_is_killed_with_its_group(supervisor, tmp
     assert not psutil.pid_exists(ev["child"]) or pid_gone(ev["child"])
     grandchild = int((tmp_path / "child.pid").read_text())
     wait_for(lambda: pid_gone(grandchild), timeout=10)
+
+
+def test_stale_pidfile_naming_a_program_that_mentions_preforkd(daemon, tmp_path):
+    """After a crash the pid may be reused by, say, ``tail -f preforkd.log``: that is
+    not a running supervisor, must not be signalled, and the pidfile is replaced."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "preforkd.log").write_text("")
+    pidfile = tmp_path / "run" / "preforkd.pid"
+    tail = subprocess.Popen(["tail", "-f", str(tmp_path / "preforkd.log")], stdout=subprocess.DEVNULL)
+    try:
+        pidfile.write_text(f"{tail.pid}\n")
+        cfg = tmp_path / "preforkd.toml"
+        cfg.write_text(BASE.format(wd=tmp_path))
+        res = run_cli("status", "-c", str(cfg))
+        assert res.returncode == 3, res.stdout + res.stderr
+        res = run_cli("stop", "-c", str(cfg))
+        assert res.returncode == 0 and "not running" in res.stdout
+        assert tail.poll() is None
+        daemon(BASE.format(wd=tmp_path))
+        assert int(pidfile.read_text()) != tail.pid
+        assert run_cli("stop", "-c", str(cfg)).returncode == 0
+        assert tail.poll() is None
+    finally:
+        tail.kill()
+        tail.wait()
+
+
+def test_start_again_after_the_master_was_killed(daemon, tmp_path):
+    """kill -9 leaves the pidfile, the control socket and the Unix socket file behind:
+    the next start replaces all three and serves."""
+    body = BASE.format(wd=tmp_path)
+    _, cfg = daemon(body)
+    pid = int((tmp_path / "run" / "preforkd.pid").read_text())
+    workers = [c.pid for c in psutil.Process(pid).children()]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: pid_gone(pid) and all(pid_gone(w) for w in workers), timeout=15)
+    for name in ("preforkd.pid", "preforkd.sock", "echo.sock"):
+        assert (tmp_path / "run" / name).exists()
+    assert run_cli("status", "-c", str(cfg)).returncode == 3
+    daemon(body)
+    rc, st = status(cfg)
+    assert rc == 0 and st["pid"] != pid
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(tmp_path / "run" / "echo.sock"))
+        c.sendall(b"again\n")
+        assert recv_until(c) == b"again\r\n"
+    assert run_cli("stop", "-c", str(cfg)).returncode == 0
+
+
+@pytest.mark.parametrize("how", ["quick-stop", "kill-9-master", "graceful-timeout"])
+def test_command_program_does_not_outlive_the_supervisor(supervisor, tmp_path, how):
+    """A command program runs in its own session: whatever ends its worker early (a
+    quick stop, the master's death, graceful_timeout) must end its process group too."""
+    script = tmp_path / "long.sh"
+    script.write_text(f"#!/bin/sh\nsleep 300 &\necho $$ $! > {tmp_path}/pids\necho started\nwait\n")
+    script.chmod(0o755)
+    sv = supervisor(f'''
+        [supervisor]
+        pidfile = "run/p.pid"
+        control_socket = "run/p.sock"
+        graceful_timeout = 1
+        [[service]]
+        name = "long"
+        listen = ["tcp://127.0.0.1:0"]
+        command = ["{script}"]
+        workers = 1
+        idle_timeout = 120
+    ''')
+    with connect(sv.tcp("long"), timeout=30) as s:
+        assert recv_until(s, b"\n") == b"started\n"
+        program, grandchild = (int(p) for p in (tmp_path / "pids").read_text().split())
+        try:
+            sv.signal({"quick-stop": signal.SIGINT, "kill-9-master": signal.SIGKILL,
+                       "graceful-timeout": signal.SIGTERM}[how])
+            sv.wait_exit()
+            wait_for(lambda: pid_gone(program) and pid_gone(grandchild), timeout=10,
+                     message="the command program and its child to be gone")
+            assert recv_all(s) == b""
+        finally:
+            for pid in (program, grandchild):
+                if not pid_gone(pid):
+                    os.kill(pid, signal.SIGKILL)

@@ -228,3 +228,49 @@ def test_unix_listener_mode_and_echo(supervisor, tmp_path):
     st = sv.status()
     assert st["services"][0]["listeners"][0]["address"] == f"unix:{path}"
     wait_for(lambda: sv.status()["services"][0]["workers"][0]["connections"] == 1)
+
+
+def test_server_close_lingers_so_the_last_reply_is_not_lost(supervisor):
+    """A reply followed by a close must reach a client whose input the server did not
+    read (a daytime client that typed a line; lines pipelined after "quit"): a plain
+    close with unread input resets the connection and destroys the reply."""
+    from conftest import ROOT
+
+    sv = supervisor(f'''
+        [supervisor]
+        pidfile = "run/p.pid"
+        control_socket = "run/p.sock"
+        python_path = ["{ROOT / "examples"}"]
+        [[service]]
+        name = "daytime"
+        listen = ["tcp://127.0.0.1:0"]
+        handler = "preforkd.services:daytime"
+        workers = 1
+        [[service]]
+        name = "ping"
+        listen = ["tcp://127.0.0.1:0"]
+        handler = "handlers:ping"
+        workers = 1
+    ''')
+    for _ in range(20):
+        with connect(sv.tcp("daytime")) as s:
+            s.sendall(b"what time is it?\r\n")
+            data = recv_all(s)
+            assert data.endswith(b"-UTC\r\n") and data.count(b"\r\n") == 1
+        with connect(sv.tcp("ping")) as s:
+            s.sendall(b"QUIT\r\n" + b"unread " * 30000 + b"\r\n")
+            assert recv_until(s) == b"+BYE\r\n"
+
+
+def test_idle_timeout_on_unix_connection(supervisor, tmp_path):
+    supervisor('''
+        [[service]]
+        name = "echo"
+        listen = ["unix:run/echo.sock"]
+        workers = 1
+        idle_timeout = 1
+    ''')
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(20)
+        s.connect(str(tmp_path / "run" / "echo.sock"))
+        assert recv_all(s) == b"ERROR idle timeout\r\n"

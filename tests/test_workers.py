@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -76,16 +77,33 @@ def test_kill_9_worker_under_load_is_replaced_others_unaffected(supervisor):
     assert len(load.failures) <= 1, load.failures
 
 
+def refused(addr):
+    """True once nothing accepts connections on *addr* any more."""
+    try:
+        socket.create_connection(addr, timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_kill_9_master_leaves_no_orphans(supervisor):
-    sv = supervisor(POOL)
+    sv = supervisor(POOL.replace("graceful_timeout = 10", "graceful_timeout = 2"))
+    addr = sv.tcp("echo")
     pids = sv.worker_pids()
-    busy = connect(sv.tcp("echo"))  # one worker busy with a connection
+    busy = connect(addr, timeout=20)  # one worker busy with a client that never leaves
     busy.sendall(b"hold\n")
     assert recv_until(busy) == b"hold\r\n"
     try:
+        t0 = time.monotonic()
         os.kill(sv.pid, signal.SIGKILL)
         sv.wait_exit()
-        wait_for(lambda: all(pid_gone(p) for p in pids), timeout=15, message="workers to exit")
+        # The port is let go at once (a restarted supervisor could bind it again),
+        # though the busy worker is still finishing its connection...
+        wait_for(lambda: refused(addr), timeout=5, message="the port to be released")
+        # ...for graceful_timeout at most: then every worker is gone.
+        wait_for(lambda: all(pid_gone(p) for p in pids), timeout=10, message="workers to exit")
+        assert recv_all(busy) == b""
+        assert time.monotonic() - t0 < 10
     finally:
         busy.close()
 
@@ -167,12 +185,23 @@ def test_ttin_ttou_resize_pool(supervisor):
 
 
 def test_usr1_reopens_log_file(supervisor, tmp_path):
-    sv = supervisor(POOL + '\n[log]\nformat = "json"\nfile = "logs/preforkd.log"\n', ready=False)
+    sv = supervisor(POOL + 'max_line_length = 8\n[log]\nformat = "json"\nlevel = "debug"\n'
+                           'file = "logs/preforkd.log"\n', ready=False)
     log = tmp_path / "logs" / "preforkd.log"
     wait_for(lambda: log.exists() and "supervisor.ready" in log.read_text())
     os.rename(log, tmp_path / "logs" / "preforkd.log.1")
     sv.signal(signal.SIGUSR1)
-    wait_for(lambda: log.exists() and "log.reopened" in log.read_text())
+    # the master and its 3 workers each reopen the file
+    wait_for(lambda: log.exists() and log.read_text().count('"log.reopened"') == 4)
+    # what the workers log now lands in the new file
+    addr = next(a for a in sv.status()["services"][0]["listeners"])["address"][len("tcp://"):]
+    host, _, port = addr.rpartition(":")
+    for _ in range(6):
+        with connect((host, int(port))) as s:
+            s.sendall(b"far too long a line\n")
+            assert recv_all(s).startswith(b"ERROR line too long")
+    wait_for(lambda: log.read_text().count("connection.line_too_long") == 6)
+    assert "connection.line_too_long" not in (tmp_path / "logs" / "preforkd.log.1").read_text()
     sv.signal(signal.SIGTERM)
     assert sv.wait_exit() == 0
     assert "supervisor.stopped" in log.read_text()
@@ -180,7 +209,8 @@ def test_usr1_reopens_log_file(supervisor, tmp_path):
 
 def test_graceful_term_finishes_connection_in_hand(supervisor, tmp_path):
     sv = supervisor(POOL)
-    with connect(sv.tcp("echo")) as s:
+    addr = sv.tcp("echo")
+    with connect(addr) as s:
         s.sendall(b"before\n")
         assert recv_until(s) == b"before\r\n"
         sv.signal(signal.SIGTERM)
@@ -188,6 +218,10 @@ def test_graceful_term_finishes_connection_in_hand(supervisor, tmp_path):
         for i in range(5):  # still served after TERM
             s.sendall(f"after {i}\n".encode())
             assert recv_until(s) == f"after {i}\r\n".encode()
+        # while new clients are refused, not queued on a socket nobody accepts from
+        wait_for(lambda: refused(addr), timeout=10, message="new connections to be refused")
+        s.sendall(b"still\n")
+        assert recv_until(s) == b"still\r\n"
         assert sv.proc.poll() is None
     assert sv.wait_exit() == 0
     sv.wait_event("supervisor.stopped")

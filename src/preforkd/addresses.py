@@ -80,9 +80,14 @@ def parse_address(text: str, base_dir: str = ".") -> Address:
                 raise AddressError(f'"{text}": put an IPv6 address in brackets, e.g. tcp://[::1]:7000')
             if host == "*":
                 host = "0.0.0.0"
-            if not all(c.isalnum() or c in "-." for c in host):
+            if not all(c.isascii() and (c.isalnum() or c in "-.") for c in host):
                 raise AddressError(f'"{text}": "{host}" is not a host name or IPv4 address')
-        if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            if all(c.isdigit() or c == "." for c in host):
+                try:
+                    ipaddress.IPv4Address(host)
+                except ValueError:
+                    raise AddressError(f'"{text}": "{host}" is not an IPv4 address') from None
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
             raise AddressError(f'"{text}": port must be a number from 0 to 65535, got "{port_text}"')
         return Address(kind="tcp", host=host, port=int(port_text))
     raise AddressError(f'"{text}": must start with tcp:// or unix:')

@@ -53,14 +53,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         config = load_config(path, import_handlers=command in ("run", "start", "check", "reload"))
     except ConfigError as exc:
-        print(f"preforkd: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        fallback = _runtime_only_config(path) if command in ("status", "stop") else None
+        if fallback is None:
+            print(f"preforkd: {exc}", file=sys.stderr)
+            return EXIT_FAIL
+        # A running supervisor keeps its last good configuration when an edit breaks the
+        # file (the reload is refused): it must still be possible to see and stop it.
+        print(f"preforkd: warning: {exc}", file=sys.stderr)
+        config = fallback
     handler = {"run": _run, "start": _start, "stop": _stop, "reload": _reload, "status": _status,
                "check": _check}[command]
     try:
         return handler(config, config_arg, args)
     except KeyboardInterrupt:
         return 130
+
+
+def _runtime_only_config(path: Optional[str]) -> Optional[Config]:
+    """The file's ``[supervisor]`` table (pidfile, control socket) with the rest left
+    at the built-in default, for ``status`` and ``stop`` when the file as a whole is
+    invalid; ``None`` when even that table cannot be read."""
+    from .config import BUILTIN_DEFAULT, build_config, tomllib
+
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.loads(f.read().decode("utf-8"))
+        sup = data.get("supervisor", {})
+        abspath = os.path.abspath(path)
+        return build_config({"supervisor": sup, **BUILTIN_DEFAULT}, path, os.path.dirname(abspath), abspath,
+                            import_handlers=False)
+    except (OSError, ValueError, ConfigError):
+        return None
 
 
 def _check(config: Config, config_arg: Optional[str], args: Any) -> int:

@@ -31,6 +31,11 @@ DEFAULT_HANDLER = "preforkd.services:echo"
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("auto", "json", "console")
+#: Largest number of seconds a timeout may be (the kernel's timers take whole seconds
+#: as a C int or unsigned; about 31 years).
+MAX_SECONDS = 1_000_000_000
+#: listen(2) takes an int; the kernel caps it at net.core.somaxconn anyway.
+MAX_BACKLOG = 2 ** 31 - 1
 
 
 class ConfigError(Exception):
@@ -155,16 +160,22 @@ class _Validator:
             raise self.fail(f"{keypath}.{key}", "must not be empty")
         return value
 
-    def integer(self, data: dict, key: str, keypath: str, default: int, minimum: int) -> int:
+    def integer(self, data: dict, key: str, keypath: str, default: int, minimum: int,
+                maximum: Optional[int] = None) -> int:
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise self.fail(f"{keypath}.{key}", f"must be an integer >= {minimum}, got {_show(value)}")
+        if maximum is not None and value > maximum:
+            raise self.fail(f"{keypath}.{key}", f"must be at most {maximum}, got {value}")
         return value
 
     def number(self, data: dict, key: str, keypath: str, default: float, positive: bool = True) -> float:
         value = data.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # nan
+                or (positive and value <= 0)):
             raise self.fail(f"{keypath}.{key}", f"must be a number of seconds > 0, got {_show(value)}")
+        if value > MAX_SECONDS:  # inf too: the kernel's timers want a number
+            raise self.fail(f"{keypath}.{key}", f"must be at most {MAX_SECONDS} seconds, got {_show(value)}")
         return float(value)
 
     def boolean(self, data: dict, key: str, keypath: str, default: bool) -> bool:
@@ -248,18 +259,25 @@ def load_config(path: Optional[str], import_handlers: bool = True) -> Config:
     except OSError as exc:
         raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
     try:
-        data = tomllib.loads(text.decode("utf-8"))
+        document = text.decode("utf-8")
+        data = tomllib.loads(document)
     except UnicodeDecodeError as exc:
         raise ConfigError(source, "", f"not UTF-8 text (byte offset {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(source, "", f"invalid TOML: {_toml_message(exc)}") from None
+        raise ConfigError(source, "", f"invalid TOML: {_toml_message(exc, document)}") from None
     abspath = os.path.abspath(path)
     return build_config(data, source, os.path.dirname(abspath), abspath, import_handlers)
 
 
-def _toml_message(exc: Exception) -> str:
-    # tomllib puts "(at line L, column C)" in the message; keep it on one line.
-    return " ".join(str(exc).split())
+def _toml_message(exc: Exception, document: str) -> str:
+    # tomllib puts "(at line L, column C)" in the message; keep it on one line. For an
+    # error at the very end it says "(at end of document)": name that line and column too.
+    message = " ".join(str(exc).split())
+    if message.endswith("(at end of document)"):
+        line = document.count("\n") + 1
+        column = len(document) - (document.rfind("\n") + 1) + 1
+        message = message[:-1] + f", line {line}, column {column})"
+    return message
 
 
 def build_config(data: dict, source: str, base_dir: str, abspath: str, import_handlers: bool) -> Config:
@@ -389,7 +407,7 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
         max_requests=v.integer(svc, "max_requests", kp, 0, 0),
         idle_timeout=v.number(svc, "idle_timeout", kp, 300),
         max_line_length=v.integer(svc, "max_line_length", kp, 8192, 1),
-        backlog=v.integer(svc, "backlog", kp, 1024, 1),
+        backlog=v.integer(svc, "backlog", kp, 1024, 1, MAX_BACKLOG),
         socket_mode=v.octal(svc, "socket_mode", kp, "0660"),
         reuse_port=v.boolean(svc, "reuse_port", kp, False),
     )

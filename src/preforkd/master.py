@@ -48,6 +48,10 @@ HANDLED_SIGNALS = {
     signal.SIGCHLD: "chld", signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1",
 }
 QUICK_STOP_GRACE = 2.0
+#: A worker stopped gracefully ends itself when ``graceful_timeout`` runs out (its own
+#: timer, which also ends a command program's process group); the master sends KILL
+#: this many seconds later if it is still there.
+STOP_BACKSTOP = 1.0
 CHECK_TIMEOUT = 60.0
 #: Quick worker failures in one pool that make a waiting `preforkd start` fail.
 START_FAILURES = 3
@@ -114,7 +118,9 @@ class Master:
         self.reload_error: Optional[str] = None
         self.hup_at: Optional[float] = float(inherited["hup_monotonic"]) if inherited else None
         self.phase = "starting"
-        self.pending_reload = False
+        # A HUP taken while a reload is under way: one more reload once it is done. It
+        # crosses the exec, or a HUP that came during the check would be lost.
+        self.pending_reload = bool(inherited.get("pending_reload")) if inherited else False
         self.exit_code = 0
         self.sig_queue: Deque[int] = collections.deque()
         self.selector = selectors.DefaultSelector()
@@ -250,8 +256,11 @@ class Master:
                 sock = socket_from_fd(fd)
             except OSError:
                 continue
-            match = next((t for t, svc in wanted.items() if t not in self.listeners
-                          and address_matches(by_text[t], sock)), None)
+            free = [t for t in wanted if t not in self.listeners and address_matches(by_text[t], sock)]
+            # The entry with this very address first; a port-0 entry (any port) only
+            # if there is none, or it would take a socket meant for another entry.
+            match = next((t for t in free if by_text[t].kind == "unix" or by_text[t].port != 0),
+                         free[0] if free else None)
             if match is None:
                 self.logger.warning("listener.activation_unmatched", fd=fd, name=name,
                                     address=_safe_sockname(sock))
@@ -425,7 +434,7 @@ class Master:
         w.stopping = True
         now = time.monotonic()
         if graceful:
-            w.kill_at = now + self.config.supervisor.graceful_timeout
+            w.kill_at = now + self.config.supervisor.graceful_timeout + STOP_BACKSTOP
             _kill(w.pid, signal.SIGTERM)
         else:
             w.kill_at = now + QUICK_STOP_GRACE
@@ -677,6 +686,7 @@ class Master:
             "started_wall": self.started_wall,
             "hup_monotonic": self.hup_at,
             "reload_seq": self.reload_seq,
+            "pending_reload": self.pending_reload,
             "listeners": [{"fd": lst.fileno(), "key": lst.key, "address": str(lst.address), "origin": lst.origin,
                            "file_id": list(lst.file_id) if lst.file_id else None} for lst in listeners],
             "workers": [w.to_state() for w in self._all_workers()],

@@ -25,7 +25,7 @@ def read_pid(path: str) -> Optional[int]:
             text = f.read(64).strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
 
 
 def is_locked(path: str) -> bool:
@@ -46,16 +46,26 @@ def is_locked(path: str) -> bool:
 
 
 def looks_like_preforkd(pid: int) -> bool:
-    """Is *pid* alive and a preforkd process (by its command line, via psutil)?"""
+    """Is *pid* alive and a preforkd master (by its command line, via psutil)?
+
+    A master names itself ``preforkd: master ...`` before it writes a pidfile; without
+    that title it runs ``preforkd run|start`` or ``python -m preforkd run|start``.
+    Merely mentioning preforkd is not enough: a stale pid now used by
+    ``tail -f preforkd.log`` or an editor on ``preforkd.toml`` is another program.
+    """
     import psutil
 
     try:
-        proc = psutil.Process(pid)
-        cmdline = " ".join(proc.cmdline())
-        name = proc.name()
+        cmdline = psutil.Process(pid).cmdline()
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
-    return "preforkd" in cmdline or "preforkd" in name
+    if " ".join(cmdline).startswith("preforkd: master"):
+        return True
+    words = [os.path.basename(w) for w in cmdline]
+    for i, word in enumerate(words):
+        if word == "preforkd" and (i == 0 or words[i - 1] == "-m" or words[0].startswith("python")):
+            return any(w in ("run", "start") for w in words[i + 1:])
+    return False
 
 
 class Pidfile:

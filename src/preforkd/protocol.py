@@ -217,6 +217,7 @@ def serve_line_function(conn: Connection, handle: Callable[[str], Reply]) -> Non
             if pending:  # a last line without terminator
                 data, pending = pending + b"\n", b""
             else:
+                conn._eof = True
                 return
         elif pending:
             data = pending + data
@@ -289,8 +290,10 @@ def serve(conn: Connection, kind: str, target: Any, logger: Any) -> None:
     """Serve one connection with a handler of *kind* (see :func:`preforkd.handler.handler_kind`).
 
     Never raises for anything the client or the handler did: each failure is
-    logged as one ``connection.*`` event and the connection is closed. The caller
-    closes the socket.
+    logged as one ``connection.*`` event and the connection is closed. When the
+    server ends the connection (an error, a :class:`Close` reply, a connection
+    handler returning) rather than the client, the close lingers (see
+    :data:`LINGER_SECONDS`). The caller closes the socket.
     """
     try:
         if kind == "line":
@@ -299,6 +302,8 @@ def serve(conn: Connection, kind: str, target: Any, logger: Any) -> None:
             serve_line_class(conn, target)
         else:
             target(conn)
+        if not conn._eof:
+            _lingering_close(conn)
     except ProtocolError as exc:
         logger.warning(exc.event, peer=conn.peer, error=str(exc))
         _try_send(conn, exc.reply)
@@ -310,10 +315,11 @@ def serve(conn: Connection, kind: str, target: Any, logger: Any) -> None:
         _try_send(conn, "ERROR internal error")
 
 
-#: Lingering close after an error reply (like Apache's lingering_close): read and
-#: discard what the client is still sending for at most this long / this much, so
-#: that closing with unread input does not reset the connection and destroy the
-#: error line before the client has read it.
+#: Lingering close when the server ends a connection (an error reply, ``Close``,
+#: like Apache's lingering_close): half-close, then read and discard what the client
+#: is still sending for at most this long / this much, so that closing with unread
+#: input does not reset the connection and destroy the last reply before the client
+#: has read it (a daytime client that sent a line first, say).
 LINGER_SECONDS = 0.5
 LINGER_BYTES = 1 << 20
 
@@ -326,6 +332,28 @@ def _try_send(conn: Connection, line: str) -> None:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         return
+    _drain_input(sock)
+
+
+def _lingering_close(conn: Connection) -> None:
+    """The server ends the connection: half-close and drain the client's input,
+    unless the client has already closed its side (nothing left to lose)."""
+    sock = conn.sock
+    try:
+        if not sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+            return
+    except BlockingIOError:
+        pass  # nothing unread yet; more may still come
+    except OSError:
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    _drain_input(sock)
+
+
+def _drain_input(sock: socket.socket) -> None:
     deadline = time.monotonic() + LINGER_SECONDS
     drained = 0
     try:

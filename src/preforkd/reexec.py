@@ -4,7 +4,7 @@ The running master describes its state in one environment variable,
 ``PREFORKD_STATE``, a JSON object (documented in ``docs/reload.md``)::
 
     {"version": 1, "generation": 3, "master_pid": 1234, "started_wall": 1.7e9,
-     "hup_monotonic": 12345.6, "reload_seq": 5,
+     "hup_monotonic": 12345.6, "reload_seq": 5, "pending_reload": false,
      "listeners": [{"fd": 5, "address": "tcp://127.0.0.1:0", "file_id": null,
                     "origin": "bound"}],
      "workers": [{"pid": 1240, "service": "echo", "number": 1, "generation": 3,

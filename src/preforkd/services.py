@@ -33,6 +33,12 @@ class Daytime(LineHandler):
 daytime = Daytime
 
 
+#: The process group (= pid) of the command program serving the connection in hand
+#: in this worker, 0 when none: a worker that has to exit before the program is done
+#: kills this group first (see preforkd.worker).
+running_group = 0
+
+
 def _split(address: Any) -> "tuple[str, str]":
     if isinstance(address, tuple) and len(address) >= 2:
         return str(address[0]), str(address[1])
@@ -70,6 +76,8 @@ def run_command(sock: socket.socket, peer_addr: Any, argv: Sequence[str], idle_t
     except OSError as exc:
         logger.error("command.exec_failed", command=argv[0], error=exc.strerror or str(exc))
         return
+    global running_group
+    running_group = proc.pid
     started = time.monotonic()
     try:
         proc.wait(timeout=idle_timeout)
@@ -83,6 +91,7 @@ def run_command(sock: socket.socket, peer_addr: Any, argv: Sequence[str], idle_t
             proc.wait()
     # The program may have left children in its group holding the socket; end them.
     _kill_group(proc, signal.SIGKILL)
+    running_group = 0
     rc = proc.returncode
     if rc != 0:
         logger.info("command.exited", command=argv[0], child=proc.pid, status=rc,

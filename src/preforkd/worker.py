@@ -8,9 +8,13 @@ privileges when configured, arranges to die with the master, runs the handler's
 plus the master-alive pipe and its own signal wakeup pipe), accept, serve one
 connection, repeat.
 
-Signals (worker): TERM is a graceful stop (stop accepting, finish the connection
-in hand, exit 0; an alarm of ``graceful_timeout`` seconds bounds it even if the
-master is gone); INT and QUIT exit at once; USR1 reopens the log file; HUP, TTIN
+Signals (worker): TERM is a graceful stop (stop accepting — a busy worker closes
+its copies of the listening sockets at once —, finish the connection in hand —
+including one that ``epoll`` had already woken this worker for — and exit 0; a
+timer of ``graceful_timeout`` seconds bounds it even if the master is gone: then
+the worker dies of SIGALRM); INT and QUIT exit at once; a command program
+serving the connection in hand is killed with its process group whenever the
+worker exits early like that; USR1 reopens the log file; HUP, TTIN
 and TTOU are ignored (they are the master's). End of file on the master-alive pipe
 means the master died: the worker exits (no orphans); ``PR_SET_PDEATHSIG`` makes
 a busy worker hear of it too (Linux, prctl(2)).
@@ -22,9 +26,7 @@ failed, 4 the worker could not set itself up.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
-import gc
 import os
 import select
 import signal
@@ -37,6 +39,7 @@ from . import log
 from .config import ServiceConfig
 from .pool import BUSY, IDLE, STOPPING
 from .protocol import Connection, serve, set_timeouts
+from . import services
 from .services import run_command
 
 EXIT_INIT_FAILED = 3
@@ -76,15 +79,57 @@ class _Flags:
     busy = False
     reopen = False
     graceful_timeout = 30.0
+    listeners: List[socket.socket] = []  # our copies of the listening sockets
 
 
 def _on_term(signum: int, frame: Any) -> None:
     _Flags.stopping = True
     if _Flags.busy:
-        signal.alarm(max(1, int(_Flags.graceful_timeout + 0.999)))
+        _finish_in_hand()
+
+
+def _finish_in_hand() -> None:
+    """Told to stop with a connection in hand: close our copies of the listening
+    sockets now and arm the ``graceful_timeout`` timer.
+
+    Without the close, new clients would still be queued by the kernel on a socket
+    that nobody accepts from any more (the master closed its copy), hang, and be
+    reset when we exit; and after the master's death the port could not be bound
+    again until we were gone. A busy worker is inside the handler until the client
+    leaves, so this runs from the TERM handler (Python runs it between bytecodes,
+    not in signal context) as well as from the loop; nothing else uses the
+    listeners while a connection is in hand.
+    """
+    for sock in _Flags.listeners:
+        try:
+            sock.close()
+        except OSError:
+            pass
+    _Flags.listeners = []
+    signal.setitimer(signal.ITIMER_REAL, max(0.001, _Flags.graceful_timeout))
+
+
+def _end_command() -> None:
+    """Kill the process group of the command program serving the connection in
+    hand, if any: it runs in its own session and would outlive us otherwise."""
+    pgid = services.running_group
+    if pgid:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    # graceful_timeout ran out with a connection in hand: die of SIGALRM, as the
+    # default action would, but not without the command program.
+    _end_command()
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGALRM)
 
 
 def _on_quit(signum: int, frame: Any) -> None:
+    _end_command()
     os._exit(0)
 
 
@@ -134,14 +179,29 @@ def _max_fd() -> int:
         return 65536
 
 
-def _set_pdeathsig(sig: int) -> None:
+def _load_prctl() -> Any:
+    """libc's prctl(2), resolved once in the master (dlopen of the running program:
+    no ``find_library``, which would run ldconfig in every worker)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+
+_PRCTL = _load_prctl()
+PR_SET_PDEATHSIG = 1
+
+try:  # imported here, in the master, so that workers share it instead of loading it
+    import setproctitle as _setproctitle
+except ImportError:  # pragma: no cover - a declared dependency
+    _setproctitle = None
+
+
+def _set_pdeathsig(sig: int) -> None:
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
 def _drop_privileges(spec: WorkerSpec) -> None:
@@ -164,12 +224,8 @@ def _run(spec: WorkerSpec) -> int:
     log.clear()
     log.bind(service=svc.name, worker=spec.number, generation=spec.generation)
     logger = log.get()
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(f"preforkd: worker {svc.name}#{spec.number}")
-    except Exception:  # noqa: BLE001 - a missing title is cosmetic
-        pass
+    if _setproctitle is not None:
+        _setproctitle.setproctitle(f"preforkd: worker {svc.name}#{spec.number}")
     _drop_privileges(spec)
     _set_pdeathsig(signal.SIGTERM)
     if os.getppid() != spec.master_pid:
@@ -183,6 +239,8 @@ def _run(spec: WorkerSpec) -> int:
     signal.signal(signal.SIGINT, _on_quit)
     signal.signal(signal.SIGQUIT, _on_quit)
     signal.signal(signal.SIGUSR1, _on_usr1)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    _Flags.listeners = list(spec.listeners)
     for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -201,7 +259,6 @@ def _run(spec: WorkerSpec) -> int:
         by_fd[sock.fileno()] = sock
     ep.register(spec.alive_fd, select.EPOLLIN)
     ep.register(wake_r, select.EPOLLIN)
-    gc.collect()  # start the serve loop with a tidy heap (cheap: the master froze its objects)
 
     cells = spec.cells
     state_i, count_i = 2 * spec.slot, 2 * spec.slot + 1
@@ -225,6 +282,7 @@ def _run(spec: WorkerSpec) -> int:
         if _Flags.reopen:
             _Flags.reopen = False
             log.SINK.reopen()
+            logger.debug("log.reopened", file=log.SINK.path or "stderr")
         try:
             events = poll()
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
@@ -237,8 +295,9 @@ def _run(spec: WorkerSpec) -> int:
                     return 0
                 _drain(wake_r)
                 continue
-            if _Flags.stopping:
-                break
+            # Even when told to stop meanwhile, take the connection we were woken for:
+            # with EPOLLEXCLUSIVE no other worker was woken for it, and one left in the
+            # queue would wait for the next client to arrive (a lone client would hang).
             try:
                 conn_sock, addr = sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -248,6 +307,8 @@ def _run(spec: WorkerSpec) -> int:
                     logger.error("worker.accept_failed", error=exc.strerror)
                 continue
             _Flags.busy = True
+            if _Flags.stopping:
+                _finish_in_hand()
             cells[state_i] = BUSY
             try:
                 if command:
