@@ -1,17 +1,22 @@
 """`preforkd start`/`stop`/`status`: daemonizing, pidfile, socket files, start-up errors."""
 
+import fcntl
 import json
 import os
+import pty
+import select
 import signal
 import socket
 import stat
 import subprocess
+import termios
 import textwrap
+import time
 
 import psutil
 import pytest
 
-from conftest import ROOT, connect, exchange, pid_gone, recv_all, recv_until, run_cli, wait_for
+from conftest import PREFORKD, ROOT, connect, exchange, pid_gone, recv_all, recv_until, run_cli, wait_for
 
 
 @pytest.fixture
@@ -19,10 +24,11 @@ def daemon(tmp_path):
     """Factory writing a config and running `preforkd start`; stops what it started by PID."""
     started = []
 
-    def start(body, expect_ok=True):
+    def start(body, expect_ok=True, on_terminal=False):
         cfg = tmp_path / "preforkd.toml"
         cfg.write_text(textwrap.dedent(body))
-        res = run_cli("start", "-c", str(cfg), "--timeout", "30", cwd=tmp_path)
+        args = ("start", "-c", str(cfg), "--timeout", "30")
+        res = start_on_a_terminal(args, tmp_path) if on_terminal else run_cli(*args, cwd=tmp_path)
         pidfile = tmp_path / "run" / "preforkd.pid"
         if res.returncode == 0 and pidfile.exists():
             pid = int(pidfile.read_text())
@@ -38,6 +44,41 @@ def daemon(tmp_path):
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def start_on_a_terminal(args, cwd):
+    """Run ``preforkd ARGS`` as an operator's shell would: in a session of its own
+    whose controlling terminal is a new pseudo-terminal (stdin, stdout and stderr on
+    it). Returns a CompletedProcess whose stdout holds what appeared on the terminal."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(PREFORKD + list(args), cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
+                                start_new_session=True,
+                                preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    finally:
+        os.close(slave)
+    out = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            chunk = b""
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: nobody holds the terminal any more
+                    pass
+            out += chunk
+            if not chunk and proc.poll() is not None:
+                break
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    text = out.decode("utf-8", "replace")
+    result = subprocess.CompletedProcess(proc.args, proc.wait(10), text, text)
+    result.launcher_pid = proc.pid  # the leader of the terminal's session
+    return result
 
 
 BASE = '''
@@ -75,13 +116,13 @@ def tcp_of(st, service="echo"):
 def test_start_detaches_and_stop_cleans_up(daemon, tmp_path):
     wd = tmp_path / "wd"
     wd.mkdir()
-    res, cfg = daemon(BASE.format(wd=wd))
+    res, cfg = daemon(BASE.format(wd=wd), on_terminal=True)  # launched from a terminal
     assert "started, master pid" in res.stdout
     pid = int((tmp_path / "run" / "preforkd.pid").read_text())
     proc = psutil.Process(pid)
-    assert os.getsid(pid) != os.getsid(0)  # a new session
+    assert os.getsid(pid) not in (os.getsid(0), res.launcher_pid)  # a new session: not ours, not the launcher's
     assert os.getsid(pid) != pid  # and not its leader: it can never get a terminal back
-    assert proc.terminal() is None
+    assert proc.terminal() is None  # though the launcher had one
     assert proc.cwd() == str(wd)
     for fd in (0, 1, 2):
         assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/null"

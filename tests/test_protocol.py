@@ -274,3 +274,36 @@ def test_idle_timeout_on_unix_connection(supervisor, tmp_path):
         s.settimeout(20)
         s.connect(str(tmp_path / "run" / "echo.sock"))
         assert recv_all(s) == b"ERROR idle timeout\r\n"
+
+
+def test_client_that_stops_reading_is_timed_out(supervisor):
+    """A client that keeps sending but never reads fills the socket buffers; the worker's
+    writes then time out after idle_timeout and only that connection is lost."""
+    sv = supervisor(ONE_WORKER.replace("max_line_length = 64", "max_line_length = 2000000")
+                    .replace("idle_timeout = 1.5", "idle_timeout = 1"))
+    addr = sv.tcp("echo")
+    pid = sv.worker_pids()[0]
+    s = connect(addr, timeout=30)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+    def writer():
+        try:
+            for _ in range(100):
+                s.sendall(b"y" * 1_000_000 + b"\n")
+        except OSError:
+            pass  # the server gave up on us
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        ev = sv.wait_event("connection.idle_timeout")
+        assert ev["error"] == "client stopped reading"
+        assert exchange(addr, b"next\n") == b"next\r\n"
+        assert sv.worker_pids() == [pid]
+    finally:
+        try:
+            s.shutdown(socket.SHUT_RDWR)  # wakes the writer if it is still blocked
+        except OSError:
+            pass
+        t.join(30)
+        s.close()

@@ -270,7 +270,7 @@ def test_a_lone_client_is_never_stranded(supervisor):
         while not stop.is_set():
             t0 = time.monotonic()
             try:
-                with connect(addr, timeout=2.5) as s:
+                with connect(addr, timeout=5) as s:
                     s.sendall(b"lone\r\n")
                     assert recv_until(s) == b"lone\r\n"
             except (OSError, AssertionError) as exc:
@@ -382,6 +382,23 @@ def test_invalid_config_keeps_the_old_one(supervisor):
     rewrite(sv, ECHO.format(workers=2))
     assert reload_cli(sv).returncode == 0
     assert sv.status()["generation"] == 2 and echo_ok(addr)
+
+
+def test_an_edit_during_the_reload_cannot_kill_the_new_image(supervisor):
+    """The new image runs the configuration text the old one validated: a file broken
+    after the check (here: as soon as the exec is under way) is left for the next reload."""
+    sv = supervisor(ECHO.format(workers=2))
+    addr = sv.tcp("echo")
+    rewrite(sv, ECHO.format(workers=3))
+    sv.signal(signal.SIGHUP)
+    sv.wait_event("config.reexec")
+    rewrite(sv, ECHO.format(workers='"three"'))  # the new interpreter is still starting
+    sv.wait_event("config.reloaded")
+    st = wait_for(lambda: settled(sv, {"echo": 3}), message="3 workers of generation 2")
+    assert st["generation"] == 2 and st["pid"] == sv.pid and echo_ok(addr)
+    sv.signal(signal.SIGHUP)  # the broken file is the next reload's business: refused
+    assert "service[0].workers" in sv.wait_event("config.reload_failed")["error"]
+    assert sv.proc.poll() is None and echo_ok(addr)
 
 
 def test_reload_failing_in_the_master_is_reported_by_reload(supervisor):

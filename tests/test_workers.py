@@ -87,7 +87,7 @@ def refused(addr):
 
 
 def test_kill_9_master_leaves_no_orphans(supervisor):
-    sv = supervisor(POOL.replace("graceful_timeout = 10", "graceful_timeout = 2"))
+    sv = supervisor(POOL.replace("graceful_timeout = 10", "graceful_timeout = 4"))
     addr = sv.tcp("echo")
     pids = sv.worker_pids()
     busy = connect(addr, timeout=20)  # one worker busy with a client that never leaves
@@ -98,12 +98,14 @@ def test_kill_9_master_leaves_no_orphans(supervisor):
         os.kill(sv.pid, signal.SIGKILL)
         sv.wait_exit()
         # The port is let go at once (a restarted supervisor could bind it again),
-        # though the busy worker is still finishing its connection...
+        # while the busy worker is still finishing its connection (a graceful stop)...
         wait_for(lambda: refused(addr), timeout=5, message="the port to be released")
+        busy.sendall(b"still there\n")
+        assert recv_until(busy) == b"still there\r\n"
         # ...for graceful_timeout at most: then every worker is gone.
-        wait_for(lambda: all(pid_gone(p) for p in pids), timeout=10, message="workers to exit")
+        wait_for(lambda: all(pid_gone(p) for p in pids), timeout=15, message="workers to exit")
         assert recv_all(busy) == b""
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 15
     finally:
         busy.close()
 
@@ -261,3 +263,35 @@ def test_hup_never_kills_the_supervisor(supervisor):
     sv.wait_event("config.reloaded")
     assert exchange(sv.tcp("echo"), b"alive\n") == b"alive\r\n"
     assert sv.proc.poll() is None
+
+
+def test_workers_hold_only_their_own_listeners(supervisor, tmp_path):
+    """A worker closes what it must not hold: the pidfile (its lock would outlive the
+    master), the control socket, and the listening sockets of other pools."""
+    sv = supervisor('''
+        [[service]]
+        name = "echo"
+        listen = ["tcp://127.0.0.1:0", "unix:run/echo.sock"]
+        workers = 1
+        [[service]]
+        name = "other"
+        listen = ["tcp://127.0.0.1:0"]
+        workers = 1
+    ''')
+
+    def fds(pid):
+        out = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass
+        return out
+
+    master = fds(sv.pid)
+    assert str(tmp_path / "run" / "preforkd.pid") in master
+    for service, listeners in (("echo", 2), ("other", 1)):
+        (pid,) = sv.worker_pids(service)
+        held = fds(pid)
+        assert not any("preforkd.pid" in f or "scoreboard" in f for f in held), held
+        assert len([f for f in held if f.startswith("socket:")]) == listeners, held

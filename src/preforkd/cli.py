@@ -48,10 +48,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     config_arg = args.sub_config or args.config
     if config_arg:
         config_arg = os.path.abspath(config_arg)
-    path = resolve_config_path(config_arg)
     command = args.command
+    if command in ("run", "start"):
+        # A HUP must never kill the supervisor, even one that arrives while it is still
+        # starting (importing, reading its configuration): it stays pending until the
+        # master has installed its handlers and unblocks it (reexec.unblock_signals).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    path = resolve_config_path(config_arg)
+    from .reexec import CONFIG_ENV
+
+    # Set only by a reloading master, for its check and its new image (see reexec.py).
+    validated = os.environ.pop(CONFIG_ENV, None)
+    text = validated.encode("utf-8") if validated is not None and path and command in ("run", "check") else None
     try:
-        config = load_config(path, import_handlers=command in ("run", "start", "check", "reload"))
+        config = load_config(path, import_handlers=command in ("run", "start", "check", "reload"), text=text)
     except ConfigError as exc:
         fallback = _runtime_only_config(path) if command in ("status", "stop") else None
         if fallback is None:

@@ -229,7 +229,7 @@ def resolve_config_path(path: Optional[str]) -> Optional[str]:
     return None
 
 
-def load_config(path: Optional[str], import_handlers: bool = True) -> Config:
+def load_config(path: Optional[str], import_handlers: bool = True, text: Optional[bytes] = None) -> Config:
     """Read and validate a configuration file.
 
     :param path: the TOML file; ``None`` gives the built-in default (one ``echo``
@@ -238,6 +238,9 @@ def load_config(path: Optional[str], import_handlers: bool = True) -> Config:
     :param import_handlers: also import every ``handler`` and check it is usable
         (``preforkd check`` and start-up do; the running master checking a reload
         does not, so that its own modules stay as they are).
+    :param text: the file's contents, already read (a reload runs exactly the bytes
+        it validated); ``None`` reads *path*. Relative paths still resolve against
+        *path*'s directory.
     :returns: a frozen :class:`Config`.
     :raises ConfigError: on any mistake, including an unreadable file and TOML syntax
         errors (with line and column).
@@ -253,11 +256,12 @@ def load_config(path: Optional[str], import_handlers: bool = True) -> Config:
         }
         return build_config(data, "<built-in default>", os.getcwd(), "", import_handlers)
     source = path
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except OSError as exc:
-        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    if text is None:
+        try:
+            with open(path, "rb") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
     try:
         document = text.decode("utf-8")
         data = tomllib.loads(document)
@@ -337,6 +341,7 @@ def build_config(data: dict, source: str, base_dir: str, abspath: str, import_ha
                 raise v.fail(f"{kp}.listen[{j}]", f"{addr} is already used by {other}")
             addresses[key] = f"{kp}.listen[{j}] ({svc.name})"
         services.append(svc)
+    _check_own_files(v, supervisor, log, services)
 
     config = Config(path=abspath, supervisor=supervisor, log=log, services=tuple(services), raw=data)
     if import_handlers:
@@ -411,6 +416,22 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
         socket_mode=v.octal(svc, "socket_mode", kp, "0660"),
         reuse_port=v.boolean(svc, "reuse_port", kp, False),
     )
+
+
+def _check_own_files(v: _Validator, supervisor: SupervisorConfig, log: LogConfig, services: list) -> None:
+    """The pidfile, the control socket, the log file and the Unix listeners are
+    distinct files: one path used twice would only fail at start-up, confusingly."""
+    owners: dict = {}
+    for keypath, path in (("supervisor.pidfile", supervisor.pidfile),
+                          ("supervisor.control_socket", supervisor.control_socket), ("log.file", log.file)):
+        if path and path in owners:
+            raise v.fail(keypath, f"{path} is also {owners[path]}")
+        if path:
+            owners[path] = keypath
+    for index, svc in enumerate(services):
+        for j, addr in enumerate(svc.listen):
+            if addr.kind == "unix" and addr.path in owners:
+                raise v.fail(f"service[{index}].listen[{j}]", f"{addr} is the same file as {owners[addr.path]}")
 
 
 def _which(program: str) -> Optional[str]:

@@ -138,6 +138,7 @@ class Master:
         self.check_output = b""
         self.check_deadline = 0.0
         self.pending_config: Optional[Config] = None
+        self.pending_text: Optional[bytes] = None  # the configuration file as validated
         self.stop_deadline: Optional[float] = None
         self.next_watchdog: Optional[float] = None
         self.uid, self.gid, self.user = _user_ids(config)
@@ -587,15 +588,24 @@ class Master:
         self.hup_at = time.monotonic()
         self.notifier.reloading("reloading configuration")
         path = resolve_config_path(self.config_arg)
+        # Read the file once: the check and the new image get these very bytes.
+        self.pending_text = None
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    self.pending_text = f.read()
+            except OSError:
+                pass  # load_config says why
         try:
-            self.pending_config = load_config(path, import_handlers=False)
+            self.pending_config = load_config(path, import_handlers=False, text=self.pending_text)
         except ConfigError as exc:
             self._reload_failed(str(exc))
             return
         argv = [sys.executable, "-m", "preforkd", "check"] + (["-c", path] if path else [])
+        env = dict(os.environ, **reexec.config_env(self.pending_text))
         try:
             self.check_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                               stderr=subprocess.STDOUT, close_fds=True)
+                                               stderr=subprocess.STDOUT, close_fds=True, env=env)
         except OSError as exc:
             self._reload_failed(f"cannot run the configuration check: {exc.strerror}")
             return
@@ -704,7 +714,7 @@ class Master:
         for lst in listeners:
             lst.sock.setblocking(False)
         self.logger.info("config.reexec", generation=self.generation + 1, reload_seq=self.reload_seq)
-        error = reexec.reexec(state, fds, self.config_arg)
+        error = reexec.reexec(state, fds, self.config_arg, self.pending_text)
         for lst in prebound:
             lst.close()
         self._reload_failed(f"exec failed: {error}")

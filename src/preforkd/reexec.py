@@ -30,6 +30,20 @@ from typing import Any, Dict, Iterable, List, Optional
 
 STATE_ENV = "PREFORKD_STATE"
 STATE_VERSION = 1
+#: The configuration file's text as the reloading master validated it, for its
+#: ``check`` subprocess and its new image: both use these bytes, not the file, so an
+#: edit landing between the check and the new image's start-up cannot make it fail.
+CONFIG_ENV = "PREFORKD_CONFIG_TEXT"
+#: Larger files are not passed (one environment string is limited to 128 KiB on
+#: Linux); the new image then reads the file.
+CONFIG_ENV_MAX = 65536
+
+
+def config_env(text: Optional[bytes]) -> Dict[str, str]:
+    """``{CONFIG_ENV: text}`` for a validated (so UTF-8) configuration text, or ``{}``."""
+    if text is None or len(text) > CONFIG_ENV_MAX:
+        return {}
+    return {CONFIG_ENV: text.decode("utf-8")}
 
 #: Blocked across exec; unblocked by the new image after its handlers are in place.
 BLOCKED_ACROSS_EXEC = (
@@ -71,8 +85,10 @@ def exec_argv(config_arg: Optional[str]) -> List[str]:
     return argv
 
 
-def reexec(state: Dict[str, Any], fds: Iterable[int], config_arg: Optional[str]) -> BaseException:
-    """Replace this process with a new image of preforkd, handing *state* over.
+def reexec(state: Dict[str, Any], fds: Iterable[int], config_arg: Optional[str],
+           config_text: Optional[bytes] = None) -> BaseException:
+    """Replace this process with a new image of preforkd, handing *state* over
+    (and *config_text*, the validated configuration, in :data:`CONFIG_ENV`).
 
     Does not return on success. On failure everything is put back (descriptors
     close-on-exec again, signals unblocked) and the exception is returned for the
@@ -81,6 +97,7 @@ def reexec(state: Dict[str, Any], fds: Iterable[int], config_arg: Optional[str])
     fds = list(fds)
     env = dict(os.environ)
     env[STATE_ENV] = json.dumps(state, separators=(",", ":"))
+    env.update(config_env(config_text))
     argv = exec_argv(config_arg)
     set_inheritable(fds, True)
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_ACROSS_EXEC)
