@@ -141,3 +141,8 @@ def test_builtin_default_checks(tmp_path):
     res = run_cli("check", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "built-in default" in res.stdout
+
+
+def test_workers_has_an_upper_bound(tmp_path):
+    res, cfg = check(tmp_path, GOOD_SERVICE + "workers = 100000\n")
+    assert_one_line_error(res, cfg, "service[0].workers", "at most 1024")

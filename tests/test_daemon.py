@@ -50,7 +50,12 @@ def start_on_a_terminal(args, cwd):
     """Run ``preforkd ARGS`` as an operator's shell would: in a session of its own
     whose controlling terminal is a new pseudo-terminal (stdin, stdout and stderr on
     it). Returns a CompletedProcess whose stdout holds what appeared on the terminal."""
-    master, slave = pty.openpty()
+    try:
+        master, slave = pty.openpty()
+    except OSError:  # no pseudo-terminals here: launch without one
+        result = run_cli(*args, cwd=cwd)
+        result.launcher_pid = None
+        return result
     try:
         proc = subprocess.Popen(PREFORKD + list(args), cwd=cwd, stdin=slave, stdout=slave, stderr=slave,
                                 start_new_session=True,

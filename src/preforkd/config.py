@@ -36,6 +36,9 @@ LOG_FORMATS = ("auto", "json", "console")
 MAX_SECONDS = 1_000_000_000
 #: listen(2) takes an int; the kernel caps it at net.core.somaxconn anyway.
 MAX_BACKLOG = 2 ** 31 - 1
+#: Workers per pool (TTIN stops there too); the scoreboard has room for four times
+#: that in all, old generations included.
+MAX_WORKERS = 1024
 
 
 class ConfigError(Exception):
@@ -408,7 +411,7 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
         listen=tuple(listen),
         handler=handler,
         command=command,
-        workers=v.integer(svc, "workers", kp, 4, 1),
+        workers=v.integer(svc, "workers", kp, 4, 1, MAX_WORKERS),
         max_requests=v.integer(svc, "max_requests", kp, 0, 0),
         idle_timeout=v.number(svc, "idle_timeout", kp, 300),
         max_line_length=v.integer(svc, "max_line_length", kp, 8192, 1),

@@ -6,7 +6,7 @@ output is not a TTY or ``log.format = "json"``; structlog's console renderer on 
 TTY. The output is stderr, or ``log.file`` opened in append mode and reopened by
 :func:`reopen` (SIGUSR1, for logrotate).
 
-The event vocabulary is listed in ``docs/events.md``; names are stable.
+The event vocabulary is listed in ``docs/operations.md`` (Logs and events); names are stable.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from typing import Any, Deque, Dict, List, Optional
 
 from . import log, reexec
 from .addresses import Address
-from .config import (Config, ConfigError, ServiceConfig, listener_keys, load_config, resolve_config_path,
-                     resolve_handler)
+from .config import (MAX_WORKERS, Config, ConfigError, ServiceConfig, listener_keys, load_config,
+                     resolve_config_path, resolve_handler)
 from .handler import handler_kind
 from .listeners import (Listener, ListenerError, address_matches, bind, format_sockname, socket_from_fd,
                         unlink_if_ours)
@@ -397,7 +397,7 @@ class Master:
             return
         for pool in self.pools.values():
             old = pool.target
-            pool.target = max(1, pool.target + delta)
+            pool.target = min(MAX_WORKERS, max(1, pool.target + delta))
             if pool.target != old:
                 self.logger.info("pool.resized", service=pool.name, workers=pool.target, previous=old)
 
@@ -405,7 +405,12 @@ class Master:
 
     def _spawn(self, pool: Pool, number: int) -> None:
         assert self.scoreboard is not None
-        slot = self.scoreboard.claim()
+        try:
+            slot = self.scoreboard.claim()
+        except RuntimeError as exc:  # every slot in use: wait, never crash the master
+            pool.next_spawn_at = time.monotonic() + 1.0
+            self.logger.error("worker.spawn_failed", service=pool.name, error=str(exc))
+            return
         spec = worker_mod.WorkerSpec(
             service=pool.config, listeners=[lst.sock for lst in pool.listeners], kind=pool.kind,
             target=pool.handler, number=number, generation=self.generation, slot=slot,
