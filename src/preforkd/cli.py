@@ -115,7 +115,8 @@ def _run(config: Config, config_arg: Optional[str], args: Any) -> int:
         print(f"preforkd: {exc}", file=sys.stderr)
         return EXIT_FAIL
     try:
-        log.configure(config.log.level, config.log.format, config.log.file)
+        # A re-exec'd master writes its first events after its new workers accept.
+        log.configure(config.log.level, config.log.format, config.log.file, defer=inherited is not None)
     except OSError as exc:
         print(f"preforkd: {config.source}: log.file: cannot open {config.log.file}: {exc.strerror}",
               file=sys.stderr)

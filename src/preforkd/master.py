@@ -120,6 +120,7 @@ class Master(ReloadMixin):
         self.phase = "starting"
         # A HUP taken while a reload is under way: one more reload once it is done. It
         # crosses the exec, or a HUP that came during the check would be lost.
+        self.log_deadline = time.monotonic() + 1.0
         self.pending_reload = bool(inherited.get("pending_reload")) if inherited else False
         self.exit_code = 0
         self.sig_queue: Deque[int] = collections.deque()
@@ -151,6 +152,7 @@ class Master(ReloadMixin):
         try:
             self._start()
         except (StartupError, ListenerError, PidfileError) as exc:
+            log.activate()
             self.logger.error("supervisor.start_failed", error=str(exc))
             self._report_to_launcher(f"ERROR {exc}")
             self._cleanup(failed=True)
@@ -539,6 +541,8 @@ class Master(ReloadMixin):
             return
         for pool in self.pools.values():
             self._manage(pool, now)
+        if not log.is_active() and (self.phase != "reloading" or now >= self.log_deadline):
+            log.activate()  # see below; a reload that takes long writes its events anyway
         if self.phase == "starting" and all(p.all_ready() for p in self.pools.values()):
             self.phase = "running"
             total = sum(p.target for p in self.pools.values())
@@ -552,11 +556,15 @@ class Master(ReloadMixin):
                     self._retire_old(pool.name)
             if all(p.all_ready() for p in self.pools.values()):
                 self._retire_old(None)
-                self.phase = "running"
-                self.reload_state = "ok"
                 duration = None if self.hup_at is None else round((time.monotonic() - self.hup_at) * 1000, 1)
                 self.logger.info("config.reloaded", generation=self.generation, duration_ms=duration,
                                  reload_seq=self.reload_seq)
+                # The re-exec'd image imports structlog only now that its new generation
+                # accepts (it is most of its start-up); its events so far were buffered
+                # with their times and are written here, before anyone hears "done".
+                log.activate()
+                self.phase = "running"
+                self.reload_state = "ok"
                 self.notifier.ready(f"reloaded: generation {self.generation}")
         if self.phase == "running" and self.pending_reload and self.check_proc is None:
             self._begin_reload()

@@ -221,6 +221,7 @@ def _run(spec: WorkerSpec) -> int:
     _reset_signals()
     _close_others(list(spec.keep_fds) + [s.fileno() for s in spec.listeners] + [spec.alive_fd, spec.ready_fd])
     svc = spec.service
+    log.after_fork()
     log.clear()
     log.bind(service=svc.name, worker=spec.number, generation=spec.generation)
     logger = log.get()
