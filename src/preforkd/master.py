@@ -39,7 +39,7 @@ from .listeners import (Listener, ListenerError, address_matches, bind, format_s
 from .notify import Notifier
 from .protocol import set_timeouts
 from .pidfile import Pidfile, PidfileError
-from .pool import MIN_UPTIME, Pool, Scoreboard, WorkerInfo
+from .pool import MIN_UPTIME, Pool, Scoreboard, WorkerInfo, kill_quietly
 from .control import ControlServer
 from .reload import ReloadMixin
 from . import worker as worker_mod
@@ -118,9 +118,9 @@ class Master(ReloadMixin):
         self.reload_error: Optional[str] = None
         self.hup_at: Optional[float] = float(inherited["hup_monotonic"]) if inherited else None
         self.phase = "starting"
+        self.log_deadline = time.monotonic() + 1.0  # see _tick: a deferred log is written by then
         # A HUP taken while a reload is under way: one more reload once it is done. It
         # crosses the exec, or a HUP that came during the check would be lost.
-        self.log_deadline = time.monotonic() + 1.0
         self.pending_reload = bool(inherited.get("pending_reload")) if inherited else False
         self.exit_code = 0
         self.sig_queue: Deque[int] = collections.deque()
@@ -143,6 +143,8 @@ class Master(ReloadMixin):
         self.stop_deadline: Optional[float] = None
         self.next_watchdog: Optional[float] = None
         self.uid, self.gid, self.user = _user_ids(config)
+        #: (uid, gid) for chown of Unix socket files; -1 leaves one unchanged.
+        self.socket_owner = (-1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -272,11 +274,10 @@ class Master(ReloadMixin):
             self.listeners[match] = Listener(address=by_text[match], sock=sock,
                                              bound=format_sockname(sock.family, sock.getsockname()),
                                              origin="activated", key=match)
-        owner = (self.uid if self.uid is not None else -1, self.gid if self.gid is not None else -1)
         for text, svc in wanted.items():
             lst = self.listeners.get(text)
             if lst is None:
-                lst = bind(by_text[text], svc.backlog, svc.socket_mode, svc.reuse_port, owner)
+                lst = bind(by_text[text], svc.backlog, svc.socket_mode, svc.reuse_port, self.socket_owner)
                 lst.key = text
                 self.listeners[text] = lst
             self.logger.info("listener.bound", service=svc.name, address=lst.bound,
@@ -392,7 +393,7 @@ class Master(ReloadMixin):
         log.SINK.reopen()
         self.logger.info("log.reopened", file=log.SINK.path or "stderr")
         for w in self._all_workers():
-            _kill(w.pid, signal.SIGUSR1)
+            kill_quietly(w.pid, signal.SIGUSR1)
 
     def _resize(self, delta: int) -> None:
         if self.phase == "stopping":
@@ -443,10 +444,10 @@ class Master(ReloadMixin):
         now = time.monotonic()
         if graceful:
             w.kill_at = now + self.config.supervisor.graceful_timeout + STOP_BACKSTOP
-            _kill(w.pid, signal.SIGTERM)
+            kill_quietly(w.pid, signal.SIGTERM)
         else:
             w.kill_at = now + QUICK_STOP_GRACE
-            _kill(w.pid, signal.SIGQUIT)
+            kill_quietly(w.pid, signal.SIGQUIT)
         self.logger.debug("worker.stopping", service=w.service, worker=w.number, child=w.pid,
                           graceful=graceful, reason=reason)
 
@@ -527,7 +528,7 @@ class Master(ReloadMixin):
             if w.kill_at is not None and now >= w.kill_at:
                 self.logger.warning("worker.killed", service=w.service, worker=w.number, child=w.pid,
                                     signal="SIGKILL", reason="did not exit within the stop timeout")
-                _kill(w.pid, signal.SIGKILL)
+                kill_quietly(w.pid, signal.SIGKILL)
                 w.kill_at = None
         self.control.expire(now)
         if self.next_watchdog is not None and now >= self.next_watchdog:
@@ -603,7 +604,7 @@ class Master(ReloadMixin):
                          workers=len(self.by_pid) + len(self.old_workers))
         self.notifier.stopping("stopping" + (" gracefully" if graceful else ""))
         if self.check_proc is not None:
-            _kill(self.check_proc.pid, signal.SIGKILL)
+            kill_quietly(self.check_proc.pid, signal.SIGKILL)
         for w in self._all_workers():
             self._stop_worker(w, graceful=graceful, reason=signame)
         # Stop taking new clients: close our copies and remove the socket files now.
@@ -692,13 +693,6 @@ class Master(ReloadMixin):
             out["rss"] = None
             out["cpu"] = None
         return out
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _safe_sockname(sock: Any) -> str:

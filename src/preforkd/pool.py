@@ -27,6 +27,14 @@ BACKOFF_BASE = 0.1
 BACKOFF_MAX = 30.0
 
 
+def kill_quietly(pid: int, sig: int) -> None:
+    """``kill(pid, sig)``, ignoring a child that is already gone (or not ours)."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 class Scoreboard:
     """Per-worker state and connection counters in shared memory.
 

@@ -19,16 +19,10 @@ from typing import List
 from . import reexec
 from .config import ConfigError, listener_keys, load_config, resolve_config_path
 from .listeners import Listener, ListenerError, bind
+from .pool import kill_quietly
 
 #: Seconds the configuration check in a fresh interpreter may take.
 CHECK_TIMEOUT = 60.0
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 class ReloadMixin:
@@ -75,20 +69,27 @@ class ReloadMixin:
         self.selector.register(self.check_proc.stdout, selectors.EVENT_READ, self._on_check_output)
 
     def _on_check_output(self, _mask: int) -> None:
-        if self.check_proc is None or self.check_proc.stdout is None:
+        self._read_check_output()
+
+    def _read_check_output(self) -> None:
+        """Keep the last 8 KiB the check printed; stop watching its pipe at end of file."""
+        proc = self.check_proc
+        if proc is None or proc.stdout is None or proc.stdout.closed:
             return
         try:
-            data = os.read(self.check_proc.stdout.fileno(), 65536)
+            while True:
+                data = os.read(proc.stdout.fileno(), 65536)
+                if not data:
+                    self.selector.unregister(proc.stdout)
+                    proc.stdout.close()
+                    return
+                self.check_output = (self.check_output + data)[-8192:]
         except (BlockingIOError, InterruptedError):
-            return
-        if data:
-            self.check_output = (self.check_output + data)[-8192:]
-        else:
-            self.selector.unregister(self.check_proc.stdout)
+            pass
 
     def _poll_check(self, now: float) -> None:
         if self.check_proc is not None and now >= self.check_deadline:
-            _kill(self.check_proc.pid, signal.SIGKILL)
+            kill_quietly(self.check_proc.pid, signal.SIGKILL)
             self.check_deadline = now + 3600  # reaped shortly; reported then
 
     def _close_check(self) -> None:
@@ -107,15 +108,7 @@ class ReloadMixin:
         proc = self.check_proc
         assert proc is not None
         proc.returncode = os.waitstatus_to_exitcode(status)  # we reaped it; keep Popen from trying
-        if proc.stdout is not None:
-            try:
-                while True:
-                    data = os.read(proc.stdout.fileno(), 65536)
-                    if not data:
-                        break
-                    self.check_output = (self.check_output + data)[-8192:]
-            except (BlockingIOError, InterruptedError, OSError):
-                pass
+        self._read_check_output()  # what it printed last
         output = self.check_output.decode("utf-8", "replace").strip()
         self._close_check()
         if self.phase == "stopping":
@@ -137,9 +130,7 @@ class ReloadMixin:
         try:
             for key, addr, svc in listener_keys(new):
                 if key not in self.listeners:
-                    prebound.append(bind(addr, svc.backlog, svc.socket_mode, svc.reuse_port,
-                                         (self.uid if self.uid is not None else -1,
-                                          self.gid if self.gid is not None else -1)))
+                    prebound.append(bind(addr, svc.backlog, svc.socket_mode, svc.reuse_port, self.socket_owner))
                     prebound[-1].key = key
         except ListenerError as exc:
             for lst in prebound:

@@ -296,6 +296,7 @@ def _run(spec: WorkerSpec) -> int:
                     return 0
                 _drain(wake_r)
                 continue
+            unix = sock.family == socket.AF_UNIX  # once per wake-up, not per connection
             # Under load the accept queue is rarely empty: after a connection, accept
             # again before going back to epoll_wait (one system call fewer each).
             while True:
@@ -318,7 +319,7 @@ def _run(spec: WorkerSpec) -> int:
                     if command:
                         run_command(conn_sock, addr, command, idle_timeout, logger)
                     else:
-                        if conn_sock.family == socket.AF_UNIX:
+                        if unix:
                             # TCP connections inherit TCP_NODELAY and the idle timeouts from
                             # the listener (set by the master); Unix ones do not.
                             set_timeouts(conn_sock, idle_timeout)
