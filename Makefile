@@ -9,15 +9,19 @@ STAMP  := $(VENV)/.installed
 run: $(STAMP)  ## the supervisor in the foreground on the built-in default (echo on tcp://127.0.0.1:7000)
 	$(BIN)/preforkd run $(if $(CONFIG),-c $(CONFIG))
 
-test: $(STAMP) test-deps  ## the whole test suite
+test: lint test-deps  ## lint, then the whole test suite
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## mypy --strict and ruff (configured in pyproject.toml); CI fails on either
+	$(BIN)/mypy
+	$(BIN)/ruff check src tests benchmarks examples
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,lint]'
 	$(BIN)/python -m compileall -q src   # bytecode up front: a re-exec'd master starts faster
 	touch $@
 

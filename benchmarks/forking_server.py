@@ -6,7 +6,6 @@ Protocol: "PING" -> "+PONG", any other line echoed; LF or CRLF in, CRLF out.
 """
 import argparse
 import signal
-import socket
 import socketserver
 import sys
 

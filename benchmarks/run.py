@@ -582,7 +582,7 @@ def run_w1_w2(peers: list[Peer], runs: int, duration: float, retry_budget: float
     expected = runs * len(CELLS) * sum(1 for p in peers if not p.error) * (duration + 0.6)
     retry_deadline[0] = time.monotonic() + expected + retry_budget
     for r in range(runs):
-        for key, wl, mode, conc in CELLS:
+        for key, _wl, mode, conc in CELLS:
             order = peers[r % len(peers):] + peers[:r % len(peers)]
             for p in order:
                 if p.error:
@@ -758,8 +758,9 @@ def run_w4(workdir: Path, warm: float) -> dict:
                 "worker_pss": [m["pss"] for m in mem],
                 "master_uss": mi.uss, "master_rss": mi.rss, "master_pss": mi.pss,
             })
-            log(f"  W4 {peer.name}: {len(mem)} workers, USS median {statistics.median(res['worker_uss']) / 2**20:.2f} MiB, "
-                f"RSS median {statistics.median(res['worker_rss']) / 2**20:.2f} MiB; master USS {mi.uss / 2**20:.2f} MiB")
+            uss, rss = statistics.median(res["worker_uss"]) / 2**20, statistics.median(res["worker_rss"]) / 2**20
+            log(f"  W4 {peer.name}: {len(mem)} workers, USS median {uss:.2f} MiB, "
+                f"RSS median {rss:.2f} MiB; master USS {mi.uss / 2**20:.2f} MiB")
         except Exception as e:  # noqa: BLE001
             res["error"] = f"{type(e).__name__}: {e}"
             log(f"  W4 {peer.name} failed: {res['error']}")
@@ -785,7 +786,7 @@ def run_w5(workdir: Path, repeats: int) -> dict:
     try:
         if not PREFORKD.exists():
             raise PeerFailed("preforkd not installed")
-        for i in range(repeats):
+        for _i in range(repeats):
             port = free_port()
             cfg = write_preforkd_config(d, 4, port=port, logfile=str(d / "preforkd.log"))
             res["command"] = f"{PREFORKD} start -c {cfg}"
@@ -813,7 +814,7 @@ def run_w5(workdir: Path, repeats: int) -> dict:
                 except psutil.NoSuchProcess:
                     pass
                 except psutil.TimeoutExpired:
-                    raise PeerFailed(f"`preforkd stop` exited {s.returncode} but pid {pid} still runs")
+                    raise PeerFailed(f"`preforkd stop` exited {s.returncode} but pid {pid} still runs") from None
                 for tp in list(REAPER.procs):
                     if tp.pid == pid:
                         REAPER.procs.remove(tp)
@@ -830,7 +831,7 @@ def run_w5(workdir: Path, repeats: int) -> dict:
     res = out["naive"]
     firsts = []
     try:
-        for i in range(repeats):
+        for _i in range(repeats):
             peer = NaivePeer(d)
             t0 = time.monotonic()
             try:
@@ -1003,8 +1004,8 @@ def make_chart(results: dict, peers: list[Peer], path: Path) -> None:
             if xs:
                 ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=labels[n], color=colors[i % len(colors)])
                 base = [med([r[key] for r in results.get(c, {}).get(BASELINE, [])]) for c in cells]
-                for x, y, top, c in zip(xs, ys, [y + h for y, h in zip(ys, hi)],
-                                        [c for c in cells if results.get(c, {}).get(n)]):
+                for x, y, top, c in zip(xs, ys, [y + h for y, h in zip(ys, hi, strict=True)],
+                                        [c for c in cells if results.get(c, {}).get(n)], strict=False):
                     b0 = base[cells.index(c)]
                     if b0 == b0 and b0:
                         ax.annotate(f"{y / b0:.2f}", (x, top), ha="center", va="bottom", fontsize=7,
@@ -1106,7 +1107,8 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
     a("# W4: the same peers with 16 workers (preforkd workers = 16, naive_prefork.py --workers 16,")
     a("#     netserver_prefork.pl 0 16), 1 s of W1 and W2 load with 16 clients, then psutil memory_full_info()")
     if (w5 or {}).get("preforkd", {}).get("command"):
-        a("# W5: " + _rel(w5["preforkd"]["command"]) + "   (port fixed in the config), one PING, then preforkd stop -c …")
+        a("# W5: " + _rel(w5["preforkd"]["command"])
+          + "   (port fixed in the config), one PING, then preforkd stop -c …")
     a("```\n")
 
     failed = [p for p in peers if p.error]
@@ -1121,7 +1123,7 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
                                  ("W2", "W2 — persistent request/reply, one line in flight per connection",
                                   "replies/s", "reply")):
         a(f"## {title}\n")
-        for key, w, mode, conc in CELLS:
+        for key, w, _mode, conc in CELLS:
             if w != wl:
                 continue
             a(f"### {conc} concurrent {'clients' if wl == 'W1' else 'connections'}\n")
@@ -1162,7 +1164,7 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
               "(preforkd, the naive pre-fork, Net::Server::PreFork), reported as it is.\n")
 
     a("## W3 — reload under load (preforkd only)\n")
-    if not w3 or "error" in w3 and "reloads" not in w3:
+    if not w3 or ("error" in w3 and "reloads" not in w3):
         a(f"Not measured: {_md((w3 or {}).get('error', 'skipped'))}\n")
     else:
         a(f"{w3['hups']} SIGHUPs to the master, each sent once the previous reload had logged "
@@ -1264,7 +1266,7 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
 
 def _bottleneck_text(results: dict, peers: list[Peer]) -> str:
     lines = []
-    for key, wl, mode, conc in CELLS:
+    for key, _wl, _mode, _conc in CELLS:
         parts = []
         for p in peers:
             rs = results[key].get(p.name, [])

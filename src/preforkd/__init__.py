@@ -8,7 +8,15 @@ from .handler import CLOSE, Close, LineHandler, Reply, connection_handler
 from .protocol import BadEncoding, Connection, IdleTimeout, LineTooLong, ProtocolError
 
 __all__ = [
-    "CLOSE", "Close", "LineHandler", "Reply", "connection_handler",
-    "Connection", "ProtocolError", "LineTooLong", "BadEncoding", "IdleTimeout",
+    "CLOSE",
+    "BadEncoding",
+    "Close",
+    "Connection",
+    "IdleTimeout",
+    "LineHandler",
+    "LineTooLong",
+    "ProtocolError",
+    "Reply",
+    "connection_handler",
 ]
 __version__ = "0.1.0"

@@ -12,9 +12,10 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
-from .config import Config, ConfigError, load_config, resolve_config_path
+from .config import Config, ConfigError, load_config, resolve_config_path, runtime_only_config
+from .handler import Handler, load_handlers
 
 EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING = 0, 1, 3
 
@@ -60,10 +61,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Set only by a reloading master, for its check and its new image (see reexec.py).
     validated = os.environ.pop(CONFIG_ENV, None)
     text = validated.encode("utf-8") if validated is not None and path and command in ("run", "check") else None
+    handlers: Dict[str, Handler] = {}
     try:
-        config = load_config(path, import_handlers=command in ("run", "start", "check", "reload"), text=text)
+        config = load_config(path, text=text)
+        if command in ("run", "start", "check", "reload"):
+            handlers = load_handlers(config)
     except ConfigError as exc:
-        fallback = _runtime_only_config(path) if command in ("status", "stop") else None
+        fallback = runtime_only_config(path) if command in ("status", "stop") else None
         if fallback is None:
             print(f"preforkd: {exc}", file=sys.stderr)
             return EXIT_FAIL
@@ -71,63 +75,60 @@ def main(argv: Optional[List[str]] = None) -> int:
         # file (the reload is refused): it must still be possible to see and stop it.
         print(f"preforkd: warning: {exc}", file=sys.stderr)
         config = fallback
-    handler = {"run": _run, "start": _start, "stop": _stop, "reload": _reload, "status": _status,
-               "check": _check}[command]
+    action = {"run": _run, "start": _start, "stop": _stop, "reload": _reload, "status": _status,
+              "check": _check}[command]
     try:
-        return handler(config, config_arg, args)
+        return action(Invocation(config, handlers, config_arg, args))
     except KeyboardInterrupt:
         return 130
 
 
-def _runtime_only_config(path: Optional[str]) -> Optional[Config]:
-    """The file's ``[supervisor]`` table (pidfile, control socket) with the rest left
-    at the built-in default, for ``status`` and ``stop`` when the file as a whole is
-    invalid; ``None`` when even that table cannot be read."""
-    from .config import BUILTIN_DEFAULT, build_config, tomllib
+class Invocation:
+    """What every command gets: the configuration, its resolved handlers (``run``,
+    ``start``, ``check``, ``reload``), the ``-c`` argument (absolute) and the options."""
 
-    if not path:
-        return None
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.loads(f.read().decode("utf-8"))
-        sup = data.get("supervisor", {})
-        abspath = os.path.abspath(path)
-        return build_config({"supervisor": sup, **BUILTIN_DEFAULT}, path, os.path.dirname(abspath), abspath,
-                            import_handlers=False)
-    except (OSError, ValueError, ConfigError):
-        return None
+    def __init__(self, config: Config, handlers: Dict[str, Handler], config_arg: Optional[str],
+                 args: argparse.Namespace) -> None:
+        self.config, self.handlers, self.config_arg, self.args = config, handlers, config_arg, args
 
 
-def _check(config: Config, config_arg: Optional[str], args: Any) -> int:
+def _check(inv: Invocation) -> int:
+    from .reexec import VERSION_PROBE_ENV, Handover
+
+    config = inv.config
     listeners = sum(len(s.listen) for s in config.services)
     workers = sum(s.workers for s in config.services)
+    if os.environ.pop(VERSION_PROBE_ENV, None):  # a reloading master asks what this code reads
+        print(f"handover-version {Handover.VERSION}")
     print(f"{config.source}: OK ({len(config.services)} services, {listeners} listeners, {workers} workers)")
     return EXIT_OK
 
 
-def _run(config: Config, config_arg: Optional[str], args: Any) -> int:
-    from . import log, reexec
+def _run(inv: Invocation) -> int:
+    from .log import EventLog
     from .master import Master
+    from .reexec import HandoverError, take_handover
 
+    config = inv.config
     try:
-        inherited = reexec.take_inherited_state()
-    except ValueError as exc:
+        handover = take_handover()
+    except HandoverError as exc:
         print(f"preforkd: {exc}", file=sys.stderr)
         return EXIT_FAIL
     try:
         # A re-exec'd master writes its first events after its new workers accept.
-        log.configure(config.log.level, config.log.format, config.log.file, defer=inherited is not None)
+        log = EventLog(config.log.level, config.log.format, config.log.file, defer=handover is not None)
     except OSError as exc:
         print(f"preforkd: {config.source}: log.file: cannot open {config.log.file}: {exc.strerror}",
               file=sys.stderr)
         return EXIT_FAIL
-    return Master(config, config_arg, inherited=inherited).run()
+    return Master(config, inv.handlers, log, inv.config_arg, handover=handover).run()
 
 
-def _start(config: Config, config_arg: Optional[str], args: Any) -> int:
+def _start(inv: Invocation) -> int:
     from .daemon import start
 
-    return start(config, config_arg, args.timeout)
+    return start(inv.config, inv.handlers, inv.config_arg, inv.args.timeout)
 
 
 def _live_pid(config: Config) -> Optional[int]:
@@ -151,7 +152,8 @@ def _live_pid(config: Config) -> Optional[int]:
     return None
 
 
-def _stop(config: Config, config_arg: Optional[str], args: Any) -> int:
+def _stop(inv: Invocation) -> int:
+    config, args = inv.config, inv.args
     pid = _live_pid(config)
     if pid is None:
         print("preforkd: not running")
@@ -184,9 +186,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _reload(config: Config, config_arg: Optional[str], args: Any) -> int:
+def _reload(inv: Invocation) -> int:
     from .control import query_status
 
+    config, args = inv.config, inv.args
     pid = _live_pid(config)
     if pid is None:
         print("preforkd: not running; nothing to reload", file=sys.stderr)
@@ -219,9 +222,11 @@ def _reload(config: Config, config_arg: Optional[str], args: Any) -> int:
     return EXIT_FAIL
 
 
-def _status(config: Config, config_arg: Optional[str], args: Any) -> int:
+def _status(inv: Invocation) -> int:
     from .control import query_status
+    from .status import render
 
+    config, args = inv.config, inv.args
     try:
         st = query_status(config.supervisor.control_socket)
     except (OSError, ValueError):
@@ -241,46 +246,8 @@ def _status(config: Config, config_arg: Optional[str], args: Any) -> int:
     if args.json:
         print(json.dumps(dict(st, running=True), indent=2))
     else:
-        print(_format_status(st))
+        print(render(st))
     return EXIT_OK
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    d, s = divmod(s, 86400)
-    h, s = divmod(s, 3600)
-    m, s = divmod(s, 60)
-    parts = [f"{d}d"] if d else []
-    if d or h:
-        parts.append(f"{h}h")
-    if d or h or m:
-        parts.append(f"{m}m")
-    parts.append(f"{s}s")
-    return " ".join(parts)
-
-
-def _format_status(st: Dict[str, Any]) -> str:
-    lines = [f"preforkd master pid {st['pid']}, {st['state']}, generation {st['generation']}, "
-             f"up {_duration(st['uptime'])}", f"  config {st['config']}"]
-    rel = st.get("reload") or {}
-    if rel.get("state") == "failed":
-        lines.append(f"  last reload failed: {rel.get('error')}")
-    for svc in st["services"]:
-        what = svc["handler"] or " ".join(svc["command"] or [])
-        lines.append(f"  service {svc['name']} ({what}), {svc['workers_target']} workers")
-        for lst in svc["listeners"]:
-            lines.append(f"    listen {lst['address']}")
-        if svc.get("backoff"):
-            lines.append(f"    back-off after {svc['backoff']['failures']} quick failures: "
-                         f"{svc['backoff']['last_failure']}")
-        for w in svc["workers"]:
-            rss = f"{w['rss'] / 1048576:.1f} MiB" if w.get("rss") else "?"
-            cpu = f"{w['cpu']:.2f} s" if w.get("cpu") is not None else "?"
-            lines.append(f"    worker #{w['number']:<3} pid {w['pid']:<7} gen {w['generation']:<3} "
-                         f"{w['state']:<9} served {w['connections']:<7} rss {rss:<10} cpu {cpu}")
-    for w in st.get("retiring_workers", []):
-        lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover

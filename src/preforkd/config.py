@@ -12,16 +12,17 @@ The keys are documented in ``docs/configuration.md`` and ``etc/preforkd.toml``.
 
 from __future__ import annotations
 
-import importlib
+import grp
 import os
+import pwd
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
-try:  # Python 3.11+
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # pragma: no cover - exercised on 3.9/3.10 only
-    import tomli as tomllib  # type: ignore[no-redef]
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
 
 from .addresses import Address, AddressError, parse_address
 
@@ -58,6 +59,9 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class SupervisorConfig:
+    """``[supervisor]``: paths absolute ("" = none); ``graceful_timeout`` in seconds;
+    ``umask`` as an int."""
+
     pidfile: str
     control_socket: str
     graceful_timeout: float
@@ -70,6 +74,8 @@ class SupervisorConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
+    """``[log]``: ``file`` absolute, "" for stderr."""
+
     level: str
     format: str
     file: str
@@ -77,6 +83,10 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """One ``[[service]]``: ``handler`` ("module:attribute") or ``command`` (argv, the
+    program's path resolved); ``idle_timeout`` in seconds; ``max_line_length`` in bytes
+    (terminator excluded); ``socket_mode`` as an int."""
+
     name: str
     listen: Tuple[Address, ...]
     handler: str
@@ -102,7 +112,6 @@ class Config:
     supervisor: SupervisorConfig
     log: LogConfig
     services: Tuple[ServiceConfig, ...]
-    raw: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def source(self) -> str:
@@ -146,7 +155,7 @@ class _Validator:
     def fail(self, keypath: str, message: str) -> ConfigError:
         return ConfigError(self.source, keypath, message)
 
-    def table(self, data: Any, keypath: str, allowed: Tuple[str, ...]) -> dict:
+    def table(self, data: Any, keypath: str, allowed: Tuple[str, ...]) -> Dict[str, Any]:
         if not isinstance(data, dict):
             raise self.fail(keypath, f"must be a table, got {_show(data)}")
         for key in data:
@@ -155,7 +164,7 @@ class _Validator:
                 raise self.fail(where, "unknown key (allowed: " + ", ".join(allowed) + ")")
         return data
 
-    def string(self, data: dict, key: str, keypath: str, default: str, allow_empty: bool = True) -> str:
+    def string(self, data: Dict[str, Any], key: str, keypath: str, default: str, allow_empty: bool = True) -> str:
         value = data.get(key, default)
         if not isinstance(value, str):
             raise self.fail(f"{keypath}.{key}", f"must be a string, got {_show(value)}")
@@ -163,7 +172,7 @@ class _Validator:
             raise self.fail(f"{keypath}.{key}", "must not be empty")
         return value
 
-    def integer(self, data: dict, key: str, keypath: str, default: int, minimum: int,
+    def integer(self, data: Dict[str, Any], key: str, keypath: str, default: int, minimum: int,
                 maximum: Optional[int] = None) -> int:
         value = data.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -172,7 +181,7 @@ class _Validator:
             raise self.fail(f"{keypath}.{key}", f"must be at most {maximum}, got {value}")
         return value
 
-    def number(self, data: dict, key: str, keypath: str, default: float, positive: bool = True) -> float:
+    def number(self, data: Dict[str, Any], key: str, keypath: str, default: float, positive: bool = True) -> float:
         value = data.get(key, default)
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # nan
                 or (positive and value <= 0)):
@@ -181,13 +190,13 @@ class _Validator:
             raise self.fail(f"{keypath}.{key}", f"must be at most {MAX_SECONDS} seconds, got {_show(value)}")
         return float(value)
 
-    def boolean(self, data: dict, key: str, keypath: str, default: bool) -> bool:
+    def boolean(self, data: Dict[str, Any], key: str, keypath: str, default: bool) -> bool:
         value = data.get(key, default)
         if not isinstance(value, bool):
             raise self.fail(f"{keypath}.{key}", f"must be true or false, got {_show(value)}")
         return value
 
-    def octal(self, data: dict, key: str, keypath: str, default: str) -> int:
+    def octal(self, data: Dict[str, Any], key: str, keypath: str, default: str) -> int:
         value = data.get(key, default)
         if isinstance(value, str):
             try:
@@ -217,7 +226,7 @@ SERVICE_KEYS = (
     "max_line_length", "backlog", "socket_mode", "reuse_port",
 )
 
-BUILTIN_DEFAULT: dict = {
+BUILTIN_DEFAULT: Dict[str, Any] = {
     "service": [{"name": "echo", "listen": ["tcp://127.0.0.1:7000"], "handler": DEFAULT_HANDLER}],
 }
 
@@ -232,15 +241,13 @@ def resolve_config_path(path: Optional[str]) -> Optional[str]:
     return None
 
 
-def load_config(path: Optional[str], import_handlers: bool = True, text: Optional[bytes] = None) -> Config:
-    """Read and validate a configuration file.
+def load_config(path: Optional[str], text: Optional[bytes] = None) -> Config:
+    """Read and validate a configuration file (handlers are not imported here: see
+    :func:`preforkd.handler.load_handlers`).
 
     :param path: the TOML file; ``None`` gives the built-in default (one ``echo``
         service on ``tcp://127.0.0.1:7000``, runtime files under
         :func:`default_runtime_dir`).
-    :param import_handlers: also import every ``handler`` and check it is usable
-        (``preforkd check`` and start-up do; the running master checking a reload
-        does not, so that its own modules stay as they are).
     :param text: the file's contents, already read (a reload runs exactly the bytes
         it validated); ``None`` reads *path*. Relative paths still resolve against
         *path*'s directory.
@@ -250,14 +257,14 @@ def load_config(path: Optional[str], import_handlers: bool = True, text: Optiona
     """
     if path is None:
         runtime = default_runtime_dir()
-        data: dict = {
+        data: Dict[str, Any] = {
             "supervisor": {
                 "pidfile": os.path.join(runtime, "preforkd.pid"),
                 "control_socket": os.path.join(runtime, "preforkd.sock"),
             },
             **BUILTIN_DEFAULT,
         }
-        return build_config(data, "<built-in default>", os.getcwd(), "", import_handlers)
+        return build_config(data, "<built-in default>", os.getcwd(), "")
     source = path
     if text is None:
         try:
@@ -273,7 +280,24 @@ def load_config(path: Optional[str], import_handlers: bool = True, text: Optiona
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"invalid TOML: {_toml_message(exc, document)}") from None
     abspath = os.path.abspath(path)
-    return build_config(data, source, os.path.dirname(abspath), abspath, import_handlers)
+    return build_config(data, source, os.path.dirname(abspath), abspath)
+
+
+def runtime_only_config(path: Optional[str]) -> Optional[Config]:
+    """The file's ``[supervisor]`` table (pidfile, control socket) with the rest left at
+    the built-in default, for ``status`` and ``stop`` when the file as a whole is
+    invalid (a running supervisor must stay manageable after an edit broke its file);
+    ``None`` when even that table cannot be read."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.loads(f.read().decode("utf-8"))
+        sup = data.get("supervisor", {})
+        abspath = os.path.abspath(path)
+        return build_config({"supervisor": sup, **BUILTIN_DEFAULT}, path, os.path.dirname(abspath), abspath)
+    except (OSError, ValueError, ConfigError):
+        return None
 
 
 def _toml_message(exc: Exception, document: str) -> str:
@@ -287,8 +311,11 @@ def _toml_message(exc: Exception, document: str) -> str:
     return message
 
 
-def build_config(data: dict, source: str, base_dir: str, abspath: str, import_handlers: bool) -> Config:
-    """Validate an already parsed TOML document (see :func:`load_config`)."""
+def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str) -> Config:
+    """Validate an already parsed TOML document (see :func:`load_config`).
+
+    :raises ConfigError: on any mistake.
+    """
     v = _Validator(source, base_dir)
     v.table(data, "", ("supervisor", "log", "service"))
 
@@ -327,8 +354,8 @@ def build_config(data: dict, source: str, base_dir: str, abspath: str, import_ha
     if not raw_services:
         raise v.fail("service", "at least one [[service]] is required")
     services = []
-    names: dict = {}
-    addresses: dict = {}
+    names: Dict[str, int] = {}
+    addresses: Dict[Tuple[str, str, int], str] = {}
     for index, raw in enumerate(raw_services):
         kp = f"service[{index}]"
         svc = _service(v, raw, kp)
@@ -346,10 +373,7 @@ def build_config(data: dict, source: str, base_dir: str, abspath: str, import_ha
         services.append(svc)
     _check_own_files(v, supervisor, log, services)
 
-    config = Config(path=abspath, supervisor=supervisor, log=log, services=tuple(services), raw=data)
-    if import_handlers:
-        check_handlers(config)
-    return config
+    return Config(path=abspath, supervisor=supervisor, log=log, services=tuple(services))
 
 
 def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
@@ -421,10 +445,11 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
     )
 
 
-def _check_own_files(v: _Validator, supervisor: SupervisorConfig, log: LogConfig, services: list) -> None:
+def _check_own_files(v: _Validator, supervisor: SupervisorConfig, log: LogConfig,
+                     services: List[ServiceConfig]) -> None:
     """The pidfile, the control socket, the log file and the Unix listeners are
     distinct files: one path used twice would only fail at start-up, confusingly."""
-    owners: dict = {}
+    owners: Dict[str, str] = {}
     for keypath, path in (("supervisor.pidfile", supervisor.pidfile),
                           ("supervisor.control_socket", supervisor.control_socket), ("log.file", log.file)):
         if path and path in owners:
@@ -446,8 +471,6 @@ def _which(program: str) -> Optional[str]:
 
 
 def _check_user(v: _Validator, user: str) -> None:
-    import pwd
-
     try:
         pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
     except KeyError:
@@ -455,85 +478,38 @@ def _check_user(v: _Validator, user: str) -> None:
 
 
 def _check_group(v: _Validator, group: str) -> None:
-    import grp
-
     try:
         grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))
     except KeyError:
         raise v.fail("supervisor.group", f"no such group {_show(group)}") from None
 
 
-def listener_keys(config: Config) -> "list[tuple[str, Address, ServiceConfig]]":
-    """Every configured listener with the key it is known by across reloads.
+@dataclass(frozen=True)
+class Credentials:
+    """Who workers run as: ``supervisor.user`` and ``supervisor.group`` resolved to ids
+    (``None`` = unchanged); *user* is the name for ``initgroups(3)``."""
 
-    A fixed address is its own key (``tcp://127.0.0.1:7000``); an ephemeral one
-    (port 0) is not unique, so its key also names the service and its place among
-    that service's identical entries (``tcp://127.0.0.1:0@echo#0``): the port it
-    got is kept across reloads as long as that entry stays.
+    uid: Optional[int]
+    gid: Optional[int]
+    user: str
+
+    @property
+    def socket_owner(self) -> Tuple[int, int]:
+        """``(uid, gid)`` for ``chown`` of Unix socket files; -1 leaves one unchanged."""
+        return (-1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
+
+
+def credentials(config: Config) -> Credentials:
+    """Resolve ``supervisor.user``/``group`` (names or numeric ids, see passwd(5)).
+
+    :raises KeyError: when the user or group has vanished since validation.
     """
-    out = []
-    for svc in config.services:
-        seen: dict = {}
-        for addr in svc.listen:
-            text = str(addr)
-            if addr.identity() is None:
-                n = seen.get(text, 0)
-                seen[text] = n + 1
-                text = f"{text}@{svc.name}#{n}"
-            out.append((text, addr, svc))
-    return out
-
-
-def add_python_path(config: Config) -> None:
-    """Put ``supervisor.python_path`` in front of ``sys.path`` (idempotent)."""
-    for entry in reversed(config.supervisor.python_path):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-
-
-def check_handlers(config: Config) -> None:
-    """Import every service's handler and check it is a usable handler.
-
-    :raises ConfigError: naming ``service[i].handler`` when the module cannot be
-        imported (any exception at import time, summarised on one line) or the
-        attribute is missing or not a handler.
-    """
-    add_python_path(config)
-    for index, svc in enumerate(config.services):
-        if svc.is_command:
-            continue
-        try:
-            resolve_handler(svc.handler)
-        except HandlerImportError as exc:
-            raise ConfigError(config.source, f"service[{index}].handler", str(exc)) from None
-
-
-class HandlerImportError(Exception):
-    """A ``module:attribute`` handler that cannot be imported or used."""
-
-
-def resolve_handler(spec: str) -> Callable[..., Any]:
-    """Import ``module:attribute`` and return the attribute.
-
-    :raises HandlerImportError: with a one-line reason.
-    """
-    from .handler import is_handler
-
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # noqa: BLE001 - any import-time failure is a config error
-        first = " ".join(str(exc).split())
-        raise HandlerImportError(f"cannot import {module_name}: {type(exc).__name__}: {first}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise HandlerImportError(f"module {module_name} has no attribute {attr}") from None
-    if not is_handler(obj):
-        raise HandlerImportError(
-            f"{spec} is not a handler (a function of one line, a LineHandler subclass, "
-            "or a @connection_handler function)"
-        )
-    return obj
+    uid = gid = None
+    user = config.supervisor.user
+    if user:
+        pw = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+        uid, gid, user = pw.pw_uid, pw.pw_gid, pw.pw_name
+    group = config.supervisor.group
+    if group:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    return Credentials(uid=uid, gid=gid, user=user)

@@ -2,7 +2,7 @@
 
 Commands, one line each; the reply is one line, then the server closes:
 
-* ``status`` — the status document as one JSON object (see ``docs/status.md``);
+* ``status`` — the status document as one JSON object (see ``docs/operations.md``, Status);
 * ``ping`` — ``pong``.
 
 Everything is non-blocking and driven by the master's selector, so a slow or
@@ -23,18 +23,19 @@ from typing import Any, Callable, Dict, Optional, Tuple
 from .addresses import Address
 from .listeners import ListenerError, bind_unix, unlink_if_ours
 
+#: Seconds a control client has to send its line and read the reply.
 CLIENT_TIMEOUT = 5.0
 MAX_REQUEST = 1024
 
 
 class _Client:
-    __slots__ = ("sock", "inbuf", "outbuf", "deadline")
+    __slots__ = ("deadline", "inbuf", "outbuf", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.inbuf = b""
         self.outbuf = b""
-        self.deadline = time.monotonic() + CLIENT_TIMEOUT
+        self.deadline = time.monotonic() + CLIENT_TIMEOUT  # monotonic seconds
 
 
 class ControlServer:
@@ -67,6 +68,24 @@ class ControlServer:
         sock = socket.socket(fileno=fd)
         os.set_inheritable(fd, False)
         self._use(sock, path, file_id)
+
+    def take_over(self, path: str, inherited_fd: Optional[int], inherited_path: str,
+                  inherited_file_id: Optional[Tuple[int, int]]) -> None:
+        """Serve at *path* ("" for none): on the inherited socket when a reload kept the
+        path, else on a new one; an inherited socket at another path is closed and its
+        file removed.
+
+        :raises ListenerError: see :meth:`bind`.
+        """
+        if inherited_fd is not None and path and inherited_path == path:
+            self.adopt(inherited_fd, path, inherited_file_id)
+            return
+        if inherited_fd is not None:
+            old = ControlServer(selectors.DefaultSelector(), self.status)
+            old.adopt(inherited_fd, inherited_path, inherited_file_id)
+            old.close(unlink=True)
+        if path:
+            self.bind(path)
 
     def _use(self, sock: socket.socket, path: str, file_id: Optional[Tuple[int, int]]) -> None:
         sock.setblocking(False)
@@ -133,7 +152,7 @@ class ControlServer:
         client.sock.close()
 
     def expire(self, now: float) -> None:
-        """Drop clients that overran :data:`CLIENT_TIMEOUT`."""
+        """Drop clients that overran :data:`CLIENT_TIMEOUT` (*now*: monotonic seconds)."""
         for client in [c for c in self.clients.values() if c.deadline <= now]:
             self._drop(client)
 

@@ -15,13 +15,17 @@ import os
 import select
 import sys
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 from .config import Config
+from .handler import Handler
 
 
-def start(config: Config, config_arg: Optional[str], timeout: float) -> int:
+def start(config: Config, handlers: Dict[str, Handler], config_arg: Optional[str], timeout: float) -> int:
     """Daemonize and wait for readiness.
+
+    :param handlers: the services' resolved handlers (imported before the fork, so the
+        daemon's workers share them).
 
     :param timeout: seconds to wait for the daemon's word.
     :returns: the launcher's exit status: 0 ready, 1 failed or timed out.
@@ -30,7 +34,7 @@ def start(config: Config, config_arg: Optional[str], timeout: float) -> int:
     pid = os.fork()
     if pid == 0:  # the future daemon
         os.close(r)
-        code = _daemon_main(config, config_arg, w)
+        code = _daemon_main(config, handlers, config_arg, w)
         os._exit(code)
     os.close(w)
     message = _wait_for_word(r, timeout)
@@ -71,10 +75,10 @@ def _wait_for_word(fd: int, timeout: float) -> Optional[str]:
     return data.split(b"\n", 1)[0].decode("utf-8", "replace")
 
 
-def _daemon_main(config: Config, config_arg: Optional[str], ready_w: int) -> int:
+def _daemon_main(config: Config, handlers: Dict[str, Handler], config_arg: Optional[str], ready_w: int) -> int:
     import daemon  # python-daemon
 
-    from . import log
+    from .log import EventLog
     from .master import Master
 
     try:
@@ -91,16 +95,34 @@ def _daemon_main(config: Config, config_arg: Optional[str], ready_w: int) -> int
         _say(ready_w, f"ERROR cannot daemonize: {exc}")
         return 1
     try:
-        log.configure(config.log.level, config.log.format, config.log.file)
+        log = EventLog(config.log.level, config.log.format, config.log.file)
     except OSError as exc:
         _say(ready_w, f"ERROR cannot open log file {config.log.file}: {exc.strerror}")
         return 1
     try:
-        return Master(config, config_arg, ready_fd=ready_w).run()
+        return Master(config, handlers, log, config_arg, launcher=Launcher(ready_w)).run()
     except Exception as exc:  # noqa: BLE001
-        log.get().error("supervisor.crashed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
+        log.logger().error("supervisor.crashed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
         _say(ready_w, f"ERROR {type(exc).__name__}: {exc}")
         return 1
+
+
+class Launcher:
+    """The daemon's end of the readiness pipe: tells the waiting ``preforkd start``
+    ``READY PID`` or ``ERROR reason``, once (later reports are dropped)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: Optional[int] = fd
+
+    def report(self, message: str) -> None:
+        if self.fd is None:
+            return
+        _say(self.fd, message)
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
 
 
 def _say(fd: int, message: str) -> None:

@@ -18,11 +18,21 @@ last reply) to end the connection. Replies must not contain CR or LF.
 
 Exceptions from a handler are logged (``connection.handler_error``) and cost that
 connection only; the worker lives on.
+
+This module also resolves a service's ``handler = "module:attribute"`` into a
+:class:`Handler` (its :class:`HandlerKind` decided once, here), for ``preforkd check``,
+the master before it forks, and a reload's check in a fresh interpreter.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+import enum
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
+
+from .config import Config, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .protocol import Connection
@@ -36,7 +46,7 @@ class Close:
 
     __slots__ = ("reply",)
 
-    def __init__(self, reply: Union[None, str, Sequence[str]] = None) -> None:
+    def __init__(self, reply: Union[str, Sequence[str], None] = None) -> None:
         self.reply = reply
 
     def __repr__(self) -> str:
@@ -57,7 +67,7 @@ class LineHandler:
     at the end, whatever the reason (even after an exception).
     """
 
-    def __init__(self, conn: "Connection") -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
     @classmethod
@@ -80,7 +90,7 @@ class LineHandler:
         """The connection is over (client closed, Close returned, error, timeout)."""
 
 
-def connection_handler(func: Callable[["Connection"], Any]) -> Callable[["Connection"], Any]:
+def connection_handler(func: Callable[[Connection], Any]) -> Callable[[Connection], Any]:
     """Mark *func* as a lower-level handler that owns the whole connection.
 
     It is called as ``func(conn)`` with a :class:`~preforkd.protocol.Connection`;
@@ -90,16 +100,95 @@ def connection_handler(func: Callable[["Connection"], Any]) -> Callable[["Connec
     return func
 
 
-def handler_kind(obj: Any) -> Optional[str]:
-    """``"line"``, ``"class"`` or ``"connection"`` for a usable handler, else ``None``."""
+# -- resolution ---------------------------------------------------------------
+
+
+class HandlerKind(enum.Enum):
+    """The three handler shapes."""
+
+    LINE = "line"              # def handle(line) -> Reply
+    CLASS = "class"            # a LineHandler subclass
+    CONNECTION = "connection"  # @connection_handler def serve(conn)
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A resolved handler: what ``module:attribute`` named, and its shape."""
+
+    spec: str
+    kind: HandlerKind
+    target: Any
+
+    def worker_init(self) -> None:
+        """Run the handler's per-worker set-up (``LineHandler.worker_init``), if any.
+
+        :raises Exception: whatever the handler's code raises.
+        """
+        if self.kind is HandlerKind.CLASS:
+            self.target.worker_init()
+
+
+class HandlerError(Exception):
+    """A ``module:attribute`` that cannot be imported or is not a handler; one line."""
+
+
+def handler_kind(obj: Any) -> Optional[HandlerKind]:
+    """The shape of *obj* as a handler, or ``None`` when it is not one."""
     if isinstance(obj, type):
-        return "class" if issubclass(obj, LineHandler) else None
+        return HandlerKind.CLASS if issubclass(obj, LineHandler) else None
     if getattr(obj, "__preforkd_connection_handler__", False):
-        return "connection"
+        return HandlerKind.CONNECTION
     if callable(obj):
-        return "line"
+        return HandlerKind.LINE
     return None
 
 
-def is_handler(obj: Any) -> bool:
-    return handler_kind(obj) is not None
+def add_python_path(entries: Sequence[str]) -> None:
+    """Put ``supervisor.python_path`` *entries* in front of ``sys.path`` (idempotent)."""
+    for entry in reversed(entries):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+
+
+def resolve(spec: str) -> Handler:
+    """Import ``module:attribute`` and classify what it names.
+
+    :raises HandlerError: the module raises at import (any exception, summarised on
+        one line), the attribute is missing, or it is not a handler.
+    """
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import-time failure is a config error
+        first = " ".join(str(exc).split())
+        raise HandlerError(f"cannot import {module_name}: {type(exc).__name__}: {first}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise HandlerError(f"module {module_name} has no attribute {attr}") from None
+    kind = handler_kind(obj)
+    if kind is None:
+        raise HandlerError(f"{spec} is not a handler (a function of one line, a LineHandler subclass, "
+                           "or a @connection_handler function)")
+    return Handler(spec=spec, kind=kind, target=obj)
+
+
+def load_handlers(config: Config) -> Dict[str, Handler]:
+    """Resolve every service's handler (``command`` services have none), after putting
+    ``supervisor.python_path`` on ``sys.path``.
+
+    :returns: service name -> :class:`Handler`.
+    :raises ConfigError: naming ``service[i].handler`` and the reason.
+    """
+    add_python_path(config.supervisor.python_path)
+    out: Dict[str, Handler] = {}
+    for index, svc in enumerate(config.services):
+        if svc.command:
+            continue
+        try:
+            out[svc.name] = resolve(svc.handler)
+        except HandlerError as exc:
+            raise ConfigError(config.source, f"service[{index}].handler", str(exc)) from None
+    return out

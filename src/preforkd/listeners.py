@@ -1,4 +1,4 @@
-"""Listening sockets: bind, adopt inherited or socket-activated ones, close.
+"""Listening sockets: bind, adopt inherited or socket-activated ones, tune, close.
 
 TCP listeners get ``SO_REUSEADDR`` (and ``SO_REUSEPORT`` when the service asks),
 IPv6 ones ``IPV6_V6ONLY`` (like nginx), the configured backlog, and
@@ -16,10 +16,14 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+import struct
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .addresses import Address
+from .config import Config, ServiceConfig
+from .log import Logger
+from .reexec import InheritedListener
 
 
 class ListenerError(Exception):
@@ -40,11 +44,19 @@ class Listener:
     bound: str
     file_id: Optional[Tuple[int, int]] = None
     origin: str = "bound"  # bound | inherited | activated
-    key: str = ""  # see preforkd.config.listener_keys
-    services: List[str] = field(default_factory=list)
+    key: str = ""  # see listener_specs
+
+    @property
+    def is_unix(self) -> bool:
+        return self.address.kind == "unix"
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def handover(self) -> InheritedListener:
+        """This listener as the next image of the master will adopt it."""
+        return InheritedListener(fd=self.fileno(), key=self.key, address=str(self.address), origin=self.origin,
+                                 file_id=self.file_id)
 
     def close(self, unlink: bool = True) -> None:
         """Close the socket and, for a Unix listener, remove its socket file when it
@@ -52,7 +64,7 @@ class Listener:
         try:
             self.sock.close()
         finally:
-            if unlink and self.address.kind == "unix" and self.file_id:
+            if unlink and self.is_unix and self.file_id:
                 unlink_if_ours(self.address.path, self.file_id)
 
 
@@ -203,7 +215,7 @@ def address_matches(configured: Address, sock: socket.socket) -> bool:
             return False
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
-        return os.path.normpath(name) == configured.path
+        return bool(os.path.normpath(name) == configured.path)
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return False
     host, port = name[0], name[1]
@@ -214,4 +226,162 @@ def address_matches(configured: Address, sock: socket.socket) -> bool:
                                                             flags=socket.AI_PASSIVE)}
     except socket.gaierror:
         return False
-    return host in wanted
+    return bool(host in wanted)
+
+
+def set_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Set ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` to *seconds* on *sock* (socket(7)); a
+    blocking socket's ``recv``/``send`` then fail with ``EAGAIN`` after that long."""
+    whole = int(seconds)
+    tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def tune(listener: Listener, service: ServiceConfig) -> None:
+    """Set what accepted TCP connections inherit from *listener*: ``TCP_NODELAY`` and
+    *service*'s ``idle_timeout``. Unix connections inherit neither; workers set the
+    timeouts on those themselves."""
+    if not listener.is_unix:
+        listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_timeouts(listener.sock, service.idle_timeout)
+
+
+# -- the configured set --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenerSpec:
+    """One configured listener and the key it is known by across reloads."""
+
+    key: str
+    address: Address
+    service: ServiceConfig
+
+
+def listener_specs(config: Config) -> List[ListenerSpec]:
+    """Every configured listener, in configuration order, with its key.
+
+    A fixed address is its own key (``tcp://127.0.0.1:7000``); an ephemeral one
+    (port 0) is not unique, so its key also names the service and its place among
+    that service's identical entries (``tcp://127.0.0.1:0@echo#0``): the port it
+    got is kept across reloads as long as that entry stays.
+    """
+    out = []
+    for svc in config.services:
+        seen: Dict[str, int] = {}
+        for addr in svc.listen:
+            text = str(addr)
+            if addr.identity() is None:
+                n = seen.get(text, 0)
+                seen[text] = n + 1
+                text = f"{text}@{svc.name}#{n}"
+            out.append(ListenerSpec(key=text, address=addr, service=svc))
+    return out
+
+
+def open_listeners(config: Config, inherited: Sequence[InheritedListener], owner: Tuple[int, int],
+                   logger: Logger) -> Dict[str, Listener]:
+    """Every configured listener, open and tuned: adopt inherited sockets (a reload)
+    and socket-activated ones (sd_listen_fds(3)) whose address is still configured,
+    close the rest (unlinking Unix socket files we created), bind what is missing.
+    Logs ``listener.bound`` for each (and ``listener.closed``,
+    ``listener.activation_unmatched``).
+
+    :param owner: ``(uid, gid)`` for new Unix socket files (-1: unchanged).
+    :returns: listener key -> :class:`Listener`, in configuration order.
+    :raises ListenerError: when a missing listener cannot be bound.
+    """
+    specs = {spec.key: spec for spec in listener_specs(config)}
+    found: Dict[str, Listener] = {}
+    for item in inherited:
+        try:
+            sock = socket_from_fd(item.fd)
+        except OSError:
+            continue
+        os.set_inheritable(item.fd, False)
+        if item.key in specs and item.key not in found:
+            origin = "inherited" if item.origin == "bound" else item.origin
+            found[item.key] = Listener(address=specs[item.key].address, sock=sock, bound=_sockname(sock),
+                                       file_id=item.file_id, origin=origin, key=item.key)
+        else:
+            logger.info("listener.closed", address=item.address, reason="no longer configured")
+            sock.close()
+            if item.file_id and item.address.startswith("unix:"):
+                unlink_if_ours(item.address[len("unix:"):], item.file_id)
+    for fd, name in activated_fds():
+        try:
+            sock = socket_from_fd(fd)
+        except OSError:
+            continue
+        free = [k for k in specs if k not in found and address_matches(specs[k].address, sock)]
+        # The entry with this very address first; a port-0 entry (any port) only
+        # if there is none, or it would take a socket meant for another entry.
+        match = next((k for k in free if specs[k].address.identity() is not None), free[0] if free else None)
+        if match is None:
+            logger.warning("listener.activation_unmatched", fd=fd, name=name, address=_sockname(sock))
+            sock.close()
+            continue
+        found[match] = Listener(address=specs[match].address, sock=sock, bound=_sockname(sock),
+                                origin="activated", key=match)
+    out: Dict[str, Listener] = {}
+    try:
+        for key, spec in specs.items():
+            lst = found.get(key) or bind(spec.address, spec.service.backlog, spec.service.socket_mode,
+                                         spec.service.reuse_port, owner)
+            lst.key = key
+            out[key] = lst
+            tune(lst, spec.service)
+            logger.info("listener.bound", service=spec.service.name, address=lst.bound,
+                        configured=str(lst.address), origin=lst.origin)
+    except ListenerError:
+        for lst in {**found, **out}.values():
+            lst.close()
+        raise
+    return out
+
+
+def prebind(config: Config, have: Set[str], owner: Tuple[int, int]) -> List[Listener]:
+    """Bind the listeners of *config* whose key is not in *have* (a reload binds what
+    is new before it commits to ``execve``).
+
+    :raises ListenerError: when one cannot be bound; those bound so far are closed.
+    """
+    out: List[Listener] = []
+    try:
+        for spec in listener_specs(config):
+            if spec.key not in have:
+                lst = bind(spec.address, spec.service.backlog, spec.service.socket_mode,
+                           spec.service.reuse_port, owner)
+                lst.key = spec.key
+                out.append(lst)
+    except ListenerError:
+        for lst in out:
+            lst.close()
+        raise
+    return out
+
+
+def activated_fds() -> List[Tuple[int, str]]:
+    """Sockets passed by systemd socket activation (sd_listen_fds(3)): fds 3.. with
+    ``LISTEN_PID`` equal to our pid, and their ``LISTEN_FDNAMES``; the variables are
+    removed from the environment, so a re-exec never sees them again."""
+    env = os.environ
+    pid, count = env.pop("LISTEN_PID", ""), env.pop("LISTEN_FDS", "")
+    names = env.pop("LISTEN_FDNAMES", "")
+    if not pid.isdigit() or int(pid) != os.getpid() or not count.isdigit():
+        return []
+    name_list = names.split(":") if names else []
+    out = []
+    for i in range(int(count)):
+        fd = 3 + i
+        os.set_inheritable(fd, False)
+        out.append((fd, name_list[i] if i < len(name_list) else ""))
+    return out
+
+
+def _sockname(sock: socket.socket) -> str:
+    try:
+        return format_sockname(sock.family, sock.getsockname())
+    except OSError:
+        return "?"

@@ -1,12 +1,14 @@
-"""Structured logging with structlog.
+"""Structured logging with structlog: one :class:`EventLog` per process.
 
 Every event is one line: JSON (``event``, ``timestamp`` ISO 8601 UTC, ``level``,
 ``pid`` and bound context such as ``service``, ``worker``, ``generation``) when the
 output is not a TTY or ``log.format = "json"``; structlog's console renderer on a
-TTY. The output is stderr, or ``log.file`` opened in append mode and reopened by
-:func:`reopen` (SIGUSR1, for logrotate).
+TTY. The output is stderr, or ``log.file`` opened in append mode and reopened on
+SIGUSR1 (logrotate).
 
-The event vocabulary is listed in ``docs/operations.md`` (Logs and events); names are stable.
+The master creates the :class:`EventLog`; a worker inherits the same object across
+``fork`` and calls :meth:`EventLog.after_fork`. The event vocabulary is listed in
+``docs/operations.md`` (Logs and events); names are stable.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ import atexit
 import datetime
 import logging
 import os
-import sys
 import traceback
-from typing import IO, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, MutableMapping, Tuple
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
 class LogSink:
@@ -49,7 +50,10 @@ class LogSink:
         self.path, self.fd, self._owned = path, fd, bool(path)
 
     def reopen(self) -> None:
-        """Reopen the log file by name (after logrotate moved it); a no-op on stderr."""
+        """Reopen the log file by name (after logrotate moved it); a no-op on stderr.
+
+        :raises OSError: when the file cannot be opened (the old one stays in use).
+        """
         if self.path:
             self.open(self.path)
 
@@ -81,10 +85,7 @@ class LogSink:
             return False
 
 
-SINK = LogSink()
-
-
-def _add_pid(_logger: Any, _name: str, event_dict: dict) -> dict:
+def _add_pid(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     event_dict.setdefault("pid", os.getpid())
     return event_dict
 
@@ -93,142 +94,130 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _add_timestamp(_logger: Any, _name: str, event_dict: dict) -> dict:
+def _add_timestamp(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     # ISO 8601 UTC, as structlog's TimeStamper(fmt="iso", utc=True) writes it; kept
-    # when already set, so that an event logged before structlog was set up (see
-    # configure(defer=True)) keeps the time it happened.
+    # when already set, so that an event logged before structlog was set up (a
+    # deferred EventLog) keeps the time it happened.
     event_dict.setdefault("timestamp", _now())
     return event_dict
 
 
-class _State:
-    level = "info"
-    fmt = "auto"
-    active = False  # structlog imported and configured in this process
-    deferred = False  # events are buffered until activate()
-    buffer: List[Tuple[str, str, Dict[str, Any]]] = []
-    context: Dict[str, Any] = {}
-    structlog: Any = None
-
-
-def configure(level: str = "info", fmt: str = "auto", file: str = "", defer: bool = False) -> None:
-    """Set up logging for this process.
+class EventLog:
+    """This process's event log.
 
     :param level: ``debug``, ``info``, ``warning`` or ``error``.
     :param fmt: ``json``, ``console`` or ``auto`` (console on a TTY, else JSON).
     :param file: log file path; empty for stderr.
-    :param defer: do not import structlog yet: buffer events (with the time they
-        happened) until :func:`activate`. A re-exec'd master uses this so that its
-        new workers accept before it pays for the import (it is most of the new
-        image's start-up); events are written, in order, moments later.
+    :param defer: do not import structlog yet: buffer events (with the wall-clock time
+        they happened) until :meth:`activate`. A re-exec'd master uses this so that its
+        new workers accept before it pays for the import (it is most of the new image's
+        start-up); the events are written, in order, moments later.
     :raises OSError: when the log file cannot be opened.
     """
-    SINK.open(file)
-    _State.level, _State.fmt = level, fmt
-    _State.active = False
-    if defer:
-        _State.deferred = True
-        atexit.register(activate)
-    else:
-        activate()
 
+    def __init__(self, level: str = "info", fmt: str = "auto", file: str = "", defer: bool = False) -> None:
+        self.sink = LogSink()
+        self.sink.open(file)
+        self.level = LEVELS[level]
+        self.fmt = fmt
+        self.context: Dict[str, Any] = {}
+        self._structlog: Any = None
+        self._buffer: List[Tuple[str, str, Dict[str, Any]]] = []
+        self._deferred = defer
+        if defer:
+            atexit.register(self.activate)
+        else:
+            self.activate()
 
-def activate() -> None:
-    """Import and configure structlog now and write any buffered events."""
-    if _State.active:
-        return
-    import structlog
+    @property
+    def active(self) -> bool:
+        """structlog is imported and configured in this process."""
+        return self._structlog is not None
 
-    use_console = _State.fmt == "console" or (_State.fmt == "auto" and SINK.isatty())
-    renderer: Any
-    if use_console:
-        renderer = structlog.dev.ConsoleRenderer(colors=SINK.isatty())
-    else:
-        renderer = structlog.processors.JSONRenderer()
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            _add_timestamp,
-            _add_pid,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[_State.level]),
-        logger_factory=structlog.WriteLoggerFactory(file=SINK),  # type: ignore[arg-type]
-        cache_logger_on_first_use=False,
-    )
-    _State.structlog = structlog
-    _State.active = True
-    _State.deferred = False
-    pending, _State.buffer = _State.buffer, []
-    for method, event, kw in pending:
-        getattr(structlog.get_logger(), method)(event, **kw)
-
-
-def after_fork() -> None:
-    """In a child: drop the parent's buffer; if structlog is not imported yet, it
-    will be the first time this process logs."""
-    _State.buffer = []
-    _State.deferred = False
-
-
-def is_active() -> bool:
-    return _State.active
-
-
-def bind(**context: Any) -> None:
-    """Bind context (``service``, ``worker``, ``generation``...) to every later event
-    of this process."""
-    _State.context.update(context)
-
-
-def clear() -> None:
-    """Forget all bound context (a worker does this right after ``fork``)."""
-    _State.context = {}
-
-
-class Logger:
-    """What :func:`get` returns: ``debug``, ``info``, ``warning`` and ``error``
-    methods taking an event name and key-value context, as structlog's loggers do."""
-
-    __slots__ = ("_initial",)
-
-    def __init__(self, initial: Dict[str, Any]) -> None:
-        self._initial = initial
-
-    def _emit(self, method: str, event: str, kw: Dict[str, Any]) -> None:
-        if _LEVELS[method] < _LEVELS[_State.level]:
+    def activate(self) -> None:
+        """Import and configure structlog now and write any buffered events."""
+        if self._structlog is not None:
             return
-        kw = {**_State.context, **self._initial, **kw}
-        if not _State.active:
-            if _State.deferred:
+        import structlog
+
+        use_console = self.fmt == "console" or (self.fmt == "auto" and self.sink.isatty())
+        renderer: Any
+        if use_console:
+            renderer = structlog.dev.ConsoleRenderer(colors=self.sink.isatty())
+        else:
+            renderer = structlog.processors.JSONRenderer()
+        structlog.configure(
+            processors=[
+                structlog.processors.add_log_level,
+                _add_timestamp,
+                _add_pid,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+            wrapper_class=structlog.make_filtering_bound_logger(self.level),
+            logger_factory=structlog.WriteLoggerFactory(file=self.sink),  # type: ignore[arg-type]
+            cache_logger_on_first_use=False,
+        )
+        self._structlog = structlog
+        self._deferred = False
+        pending, self._buffer = self._buffer, []
+        for method, event, kw in pending:
+            getattr(structlog.get_logger(), method)(event, **kw)
+
+    def after_fork(self, **context: Any) -> None:
+        """In a freshly forked worker: drop the parent's buffer and context and bind
+        *context* instead; if structlog is not imported yet, the first event imports it."""
+        self._buffer = []
+        self._deferred = False
+        self.context = dict(context)
+
+    def bind(self, **context: Any) -> None:
+        """Add context (``service``, ``worker``, ``generation``...) to every later event."""
+        self.context.update(context)
+
+    def reopen(self) -> None:
+        """Reopen the log file (SIGUSR1). :raises OSError: when it cannot be opened."""
+        self.sink.reopen()
+
+    def logger(self, **initial: Any) -> Logger:
+        """A logger whose events also carry *initial*."""
+        return Logger(self, initial)
+
+    def emit(self, method: str, event: str, kw: Dict[str, Any]) -> None:
+        """Write one event at level *method* (what :class:`Logger` calls)."""
+        if LEVELS[method] < self.level:
+            return
+        kw = {**self.context, **kw}
+        if self._structlog is None:
+            if self._deferred:
                 kw.setdefault("timestamp", _now())
                 kw.setdefault("pid", os.getpid())
                 if kw.pop("exc_info", None):
                     kw["exception"] = traceback.format_exc()
-                _State.buffer.append((method, event, kw))
+                self._buffer.append((method, event, kw))
                 return
-            activate()
-        getattr(_State.structlog.get_logger(), method)(event, **kw)
+            self.activate()
+        getattr(self._structlog.get_logger(), method)(event, **kw)
+
+
+class Logger:
+    """``debug``, ``info``, ``warning`` and ``error`` methods taking an event name and
+    key-value context, as structlog's loggers do."""
+
+    __slots__ = ("_initial", "_log")
+
+    def __init__(self, log: EventLog, initial: Dict[str, Any]) -> None:
+        self._log = log
+        self._initial = initial
 
     def debug(self, event: str, **kw: Any) -> None:
-        self._emit("debug", event, kw)
+        self._log.emit("debug", event, {**self._initial, **kw})
 
     def info(self, event: str, **kw: Any) -> None:
-        self._emit("info", event, kw)
+        self._log.emit("info", event, {**self._initial, **kw})
 
     def warning(self, event: str, **kw: Any) -> None:
-        self._emit("warning", event, kw)
+        self._log.emit("warning", event, {**self._initial, **kw})
 
     def error(self, event: str, **kw: Any) -> None:
-        self._emit("error", event, kw)
-
-
-def get(**initial: Any) -> Logger:
-    """A logger; *initial* context is added to its events."""
-    return Logger(initial)
-
-
-def fatal_line(message: str, stream: Optional[IO[str]] = None) -> None:
-    """Print one error line to stderr (before logging is set up)."""
-    print(f"preforkd: {message}", file=stream or sys.stderr, flush=True)
+        self._log.emit("error", event, {**self._initial, **kw})

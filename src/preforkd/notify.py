@@ -13,17 +13,18 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 
 class Notifier:
     """Talks to the service manager, or does nothing when not run by one."""
 
-    def __init__(self, environ: Optional[dict] = None) -> None:
+    def __init__(self, environ: Optional[Mapping[str, str]] = None) -> None:
         env = os.environ if environ is None else environ
         addr = env.get("NOTIFY_SOCKET", "")
         self.address: Optional[str] = addr or None
         self._sock: Optional[socket.socket] = None
+        #: Seconds between ``WATCHDOG=1`` pings: half of ``WATCHDOG_USEC``; None when not asked.
         self.watchdog_interval: Optional[float] = None
         usec = env.get("WATCHDOG_USEC", "")
         wpid = env.get("WATCHDOG_PID", "")

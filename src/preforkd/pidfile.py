@@ -21,7 +21,7 @@ class PidfileError(Exception):
 def read_pid(path: str) -> Optional[int]:
     """The pid written in *path*, or ``None`` if the file is missing or not a pid."""
     try:
-        with open(path, "r", encoding="ascii", errors="replace") as f:
+        with open(path, encoding="ascii", errors="replace") as f:
             text = f.read(64).strip()
     except OSError:
         return None
@@ -103,6 +103,7 @@ class Pidfile:
     def adopt(self, fd: int) -> None:
         """Keep using an inherited, already locked pidfile descriptor (re-exec)."""
         self.fd = fd
+        os.set_inheritable(fd, False)
 
     def write(self, pid: int) -> None:
         if self.fd is None:
@@ -127,3 +128,25 @@ class Pidfile:
         except OSError:
             pass
         self.fd = None
+
+
+def take_pidfile(path: str, pid: int, inherited_fd: Optional[int], inherited_path: str) -> Optional[Pidfile]:
+    """The master's pidfile at *path* ("" for none): the inherited one when a reload
+    kept the path, else a newly acquired one; an inherited pidfile at another path
+    (the configuration moved it, or dropped it) is removed.
+
+    :raises PidfileError: see :meth:`Pidfile.acquire`.
+    """
+    old = None
+    if inherited_fd is not None:
+        old = Pidfile(inherited_path)
+        old.adopt(inherited_fd)
+        if path and inherited_path == path:
+            return old
+    new = None
+    if path:
+        new = Pidfile(path)
+        new.acquire(pid)
+    if old is not None:
+        old.remove()
+    return new

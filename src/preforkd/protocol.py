@@ -22,11 +22,13 @@ only.
 from __future__ import annotations
 
 import socket
-import struct
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, NoReturn, Optional, Tuple
 
-from .handler import Close, LineHandler, Reply
+from .config import ServiceConfig
+from .handler import Close, Handler, HandlerKind, LineHandler, Reply
+from .listeners import set_timeouts
+from .log import Logger
 
 RECV_SIZE = 65536
 CRLF = b"\r\n"
@@ -40,6 +42,8 @@ class ProtocolError(Exception):
 
 
 class LineTooLong(ProtocolError):
+    """An input line longer than ``max_line_length`` bytes."""
+
     event = "connection.line_too_long"
 
     def __init__(self, limit: int) -> None:
@@ -48,21 +52,17 @@ class LineTooLong(ProtocolError):
 
 
 class BadEncoding(ProtocolError):
+    """An input line that is not UTF-8."""
+
     event = "connection.bad_encoding"
     reply = "ERROR invalid UTF-8"
 
 
 class IdleTimeout(ProtocolError):
+    """The client sent nothing, or read nothing, for ``idle_timeout`` seconds."""
+
     event = "connection.idle_timeout"
     reply = "ERROR idle timeout"
-
-
-def set_timeouts(sock: socket.socket, seconds: float) -> None:
-    """Set ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` on a blocking socket (socket(7))."""
-    whole = int(seconds)
-    tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
 
 def encode_reply(reply: Reply) -> Tuple[bytes, bool]:
@@ -92,7 +92,7 @@ def encode_reply(reply: Reply) -> Tuple[bytes, bool]:
     return _bad(reply)
 
 
-def _bad(value: Any) -> Any:
+def _bad(value: Any) -> NoReturn:
     raise TypeError(f"a handler must return None, str, a list of str or Close, not {type(value).__name__}")
 
 
@@ -105,7 +105,7 @@ class Connection:
     (bytes) and ``idle_timeout`` (seconds).
     """
 
-    __slots__ = ("sock", "addr", "service", "max_line_length", "idle_timeout", "_buf", "_pos", "_eof")
+    __slots__ = ("_buf", "_eof", "_pos", "addr", "idle_timeout", "max_line_length", "service", "sock")
 
     def __init__(self, sock: socket.socket, addr: Any, service: str, max_line_length: int, idle_timeout: float) -> None:
         self.sock = sock
@@ -127,8 +127,8 @@ class Connection:
     def _recv(self) -> bytes:
         try:
             return self.sock.recv(RECV_SIZE)
-        except (BlockingIOError, socket.timeout):
-            raise IdleTimeout("no input for %g s" % self.idle_timeout) from None
+        except (TimeoutError, BlockingIOError):
+            raise IdleTimeout(f"no input for {self.idle_timeout:g} s") from None
 
     def readline_bytes(self) -> Optional[bytes]:
         """The next input line as bytes without its terminator, or ``None`` at end of input.
@@ -183,7 +183,7 @@ class Connection:
         """
         try:
             self.sock.sendall(data)
-        except (BlockingIOError, socket.timeout):
+        except (TimeoutError, BlockingIOError):
             raise IdleTimeout("client stopped reading") from None
 
     def write_line(self, line: str) -> None:
@@ -211,8 +211,8 @@ def serve_line_function(conn: Connection, handle: Callable[[str], Reply]) -> Non
     while True:
         try:
             data = recv(RECV_SIZE)
-        except (BlockingIOError, socket.timeout):
-            raise IdleTimeout("no input for %g s" % conn.idle_timeout) from None
+        except (TimeoutError, BlockingIOError):
+            raise IdleTimeout(f"no input for {conn.idle_timeout:g} s") from None
         if not data:
             if pending:  # a last line without terminator
                 data, pending = pending + b"\n", b""
@@ -286,8 +286,8 @@ def serve_line_class(conn: Connection, cls: type) -> None:
         handler.on_close()
 
 
-def serve(conn: Connection, kind: str, target: Any, logger: Any) -> None:
-    """Serve one connection with a handler of *kind* (see :func:`preforkd.handler.handler_kind`).
+def serve(conn: Connection, call: Callable[[Connection], None], logger: Logger) -> None:
+    """Serve one connection with *call* (from :func:`connection_server`).
 
     Never raises for anything the client or the handler did: each failure is
     logged as one ``connection.*`` event and the connection is closed. When the
@@ -296,12 +296,7 @@ def serve(conn: Connection, kind: str, target: Any, logger: Any) -> None:
     :data:`LINGER_SECONDS`). The caller closes the socket.
     """
     try:
-        if kind == "line":
-            serve_line_function(conn, target)
-        elif kind == "class":
-            serve_line_class(conn, target)
-        else:
-            target(conn)
+        call(conn)
         if not conn._eof:
             _lingering_close(conn)
     except ProtocolError as exc:
@@ -309,10 +304,40 @@ def serve(conn: Connection, kind: str, target: Any, logger: Any) -> None:
         _try_send(conn, exc.reply)
     except (ConnectionError, BrokenPipeError) as exc:
         logger.info("connection.reset", peer=conn.peer, error=exc.strerror or type(exc).__name__)
-    except Exception as exc:  # noqa: BLE001 - a handler bug costs one connection, not the worker
+    except Exception as exc:
         logger.error("connection.handler_error", peer=conn.peer, error=f"{type(exc).__name__}: {exc}",
                      exc_info=True)
         _try_send(conn, "ERROR internal error")
+
+
+def _caller(handler: Handler) -> Callable[[Connection], None]:
+    """What serving one connection with *handler* calls: decided once per worker."""
+    target = handler.target
+    if handler.kind is HandlerKind.LINE:
+        return lambda conn: serve_line_function(conn, target)
+    if handler.kind is HandlerKind.CLASS:
+        return lambda conn: serve_line_class(conn, target)
+    return target  # type: ignore[no-any-return]  # a @connection_handler takes the connection
+
+
+def connection_server(handler: Handler, service: ServiceConfig, logger: Logger,
+                      unix: bool) -> Callable[[socket.socket, Any], None]:
+    """The function a worker calls with each accepted ``(socket, address)`` of one
+    listener: frame lines with *handler* under *service*'s limits, log failures.
+
+    :param unix: the listener is a Unix socket: accepted connections did not inherit
+        the idle timeout from it (TCP ones do, see :func:`preforkd.listeners.tune`),
+        so it is set on each.
+    """
+    call = _caller(handler)
+    name, limit, idle = service.name, service.max_line_length, service.idle_timeout
+
+    def serve_socket(sock: socket.socket, addr: Any) -> None:
+        if unix:
+            set_timeouts(sock, idle)
+        serve(Connection(sock, addr, name, limit, idle), call, logger)
+
+    return serve_socket
 
 
 #: Lingering close when the server ends a connection (an error reply, ``Close``,

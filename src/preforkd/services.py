@@ -7,10 +7,11 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Sequence
+from typing import Any, Sequence, Tuple
 
 from .config import SAFE_PATH
 from .handler import Close, LineHandler, Reply
+from .log import Logger
 
 
 def echo(line: str) -> str:
@@ -33,73 +34,81 @@ class Daytime(LineHandler):
 daytime = Daytime
 
 
-#: The process group (= pid) of the command program serving the connection in hand
-#: in this worker, 0 when none: a worker that has to exit before the program is done
-#: kills this group first (see preforkd.worker).
-running_group = 0
-
-
-def _split(address: Any) -> "tuple[str, str]":
+def _split(address: Any) -> Tuple[str, str]:
     if isinstance(address, tuple) and len(address) >= 2:
         return str(address[0]), str(address[1])
     return "", ""
 
 
-def run_command(sock: socket.socket, peer_addr: Any, argv: Sequence[str], idle_timeout: float, logger: Any) -> None:
-    """Serve one connection inetd-style: exec *argv* with stdin and stdout on the
-    client socket (stderr stays the worker's), no shell, ``PATH`` fixed to
-    :data:`preforkd.config.SAFE_PATH`, UCSPI-TCP environment variables
+class CommandService:
+    """A ``command`` service: serve each connection inetd-style by exec'ing *argv*
+    with stdin and stdout on the client socket (stderr stays the worker's), no shell,
+    ``PATH`` fixed to :data:`preforkd.config.SAFE_PATH`, the UCSPI-TCP environment
     (``PROTO``, ``TCPREMOTEIP``, ``TCPREMOTEPORT``, ``TCPLOCALIP``, ``TCPLOCALPORT``)
     for TCP clients, in a new session and process group.
 
-    If the program outlives *idle_timeout* seconds its whole process group gets
-    SIGTERM, then SIGKILL one second later. Returns when the program has exited;
-    the caller closes *sock*. Failures are logged, never raised.
+    One instance per worker; it remembers the process group of the program serving the
+    connection in hand (:attr:`group`), so that a worker that must exit early can end it
+    first (:meth:`kill_group`).
+
+    :param idle_timeout: seconds the program may run; then its whole process group
+        gets SIGTERM, and SIGKILL one second later.
     """
-    env = {"PATH": SAFE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")}
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        env["PROTO"] = "TCP"
-        env["TCPREMOTEIP"], env["TCPREMOTEPORT"] = _split(peer_addr)
+
+    def __init__(self, argv: Sequence[str], idle_timeout: float, logger: Logger) -> None:
+        self.argv = list(argv)
+        self.idle_timeout = idle_timeout
+        self.logger = logger
+        #: The process group (= pid) of the program serving the connection in hand; 0 = none.
+        self.group = 0
+
+    def __call__(self, sock: socket.socket, peer_addr: Any) -> None:
+        """Serve one connection; returns when the program has exited. The caller closes
+        *sock*. Failures are logged, never raised."""
+        argv, logger = self.argv, self.logger
+        env = {"PATH": SAFE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")}
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            env["PROTO"] = "TCP"
+            env["TCPREMOTEIP"], env["TCPREMOTEPORT"] = _split(peer_addr)
+            try:
+                env["TCPLOCALIP"], env["TCPLOCALPORT"] = _split(sock.getsockname())
+            except OSError:
+                pass
+        else:
+            env["PROTO"] = "UNIX"
+        sock.settimeout(None)
+        fd = sock.fileno()
         try:
-            env["TCPLOCALIP"], env["TCPLOCALPORT"] = _split(sock.getsockname())
-        except OSError:
-            pass
-    else:
-        env["PROTO"] = "UNIX"
-    sock.settimeout(None)
-    fd = sock.fileno()
-    try:
-        proc = subprocess.Popen(
-            list(argv), stdin=fd, stdout=fd, close_fds=True, env=env, cwd="/",
-            start_new_session=True, restore_signals=True,
-        )
-    except OSError as exc:
-        logger.error("command.exec_failed", command=argv[0], error=exc.strerror or str(exc))
-        return
-    global running_group
-    running_group = proc.pid
-    started = time.monotonic()
-    try:
-        proc.wait(timeout=idle_timeout)
-    except subprocess.TimeoutExpired:
-        logger.warning("command.timeout", command=argv[0], child=proc.pid, timeout=idle_timeout)
-        _kill_group(proc, signal.SIGTERM)
+            proc = subprocess.Popen(argv, stdin=fd, stdout=fd, close_fds=True, env=env, cwd="/",
+                                    start_new_session=True, restore_signals=True)
+        except OSError as exc:
+            logger.error("command.exec_failed", command=argv[0], error=exc.strerror or str(exc))
+            return
+        self.group = proc.pid
+        started = time.monotonic()
         try:
-            proc.wait(timeout=1.0)
+            proc.wait(timeout=self.idle_timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc, signal.SIGKILL)
-            proc.wait()
-    # The program may have left children in its group holding the socket; end them.
-    _kill_group(proc, signal.SIGKILL)
-    running_group = 0
-    rc = proc.returncode
-    if rc != 0:
-        logger.info("command.exited", command=argv[0], child=proc.pid, status=rc,
-                    lifetime=round(time.monotonic() - started, 3))
+            logger.warning("command.timeout", command=argv[0], child=proc.pid, timeout=self.idle_timeout)
+            self.kill_group(signal.SIGTERM)
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                self.kill_group(signal.SIGKILL)
+                proc.wait()
+        # The program may have left children in its group holding the socket; end them.
+        self.kill_group(signal.SIGKILL)
+        self.group = 0
+        rc = proc.returncode
+        if rc != 0:
+            logger.info("command.exited", command=argv[0], child=proc.pid, status=rc,
+                        lifetime=round(time.monotonic() - started, 3))
 
-
-def _kill_group(proc: "subprocess.Popen[bytes]", sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def kill_group(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the process group of the program serving the connection in hand, if any
+        (safe to call from a signal handler: one ``killpg(2)``)."""
+        if self.group:
+            try:
+                os.killpg(self.group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass

@@ -1,0 +1,98 @@
+"""The scoreboard: per-worker state and counters in memory shared by master and workers.
+
+One ``memfd`` (so that it survives the reload's ``execve``) mapped by the master before
+it forks; every worker owns one *slot* of :data:`CELLS` unsigned 64-bit cells and
+updates it with plain memory writes on every connection (no system call), and the
+master reads it for ``status``. Apache's scoreboard and Net::Server's
+waiting/processing reports do this job with more machinery.
+
+This module is the one owner of the layout: both sides index a slot's cells with the
+constants below.
+"""
+
+from __future__ import annotations
+
+import enum
+import mmap
+import os
+from typing import List, Optional
+
+#: Cells (unsigned 64-bit) per slot: 64 bytes, one cache line, so that two workers never
+#: write to the same line. Unused cells are room for later counters.
+CELLS = 8
+#: Cell indexes within a slot.
+STATE = 0   # a :class:`State`
+SERVED = 1  # connections served by this worker since it started
+
+#: Slots in all, old generations included (a pool has at most
+#: :data:`preforkd.config.MAX_WORKERS` workers).
+SLOTS = 4096
+
+
+class State(enum.IntEnum):
+    """What a worker is doing, as it writes it to ``cells[STATE]``."""
+
+    STARTING = 0  # forked, not yet accepting (the master's zeroing of the slot)
+    IDLE = 1      # waiting for a connection
+    BUSY = 2      # serving one
+    STOPPING = 3  # leaving its loop
+
+
+class ScoreboardFull(RuntimeError):
+    """Every slot is in use (a spawn is delayed; the master never crashes on it)."""
+
+
+class Scoreboard:
+    """The master's view: slot allocation and reads.
+
+    :param fd: an inherited scoreboard ``memfd`` (after a re-exec), or ``None`` to
+        create one (memfd_create(2), Linux).
+    """
+
+    def __init__(self, fd: Optional[int] = None) -> None:
+        size = SLOTS * CELLS * 8
+        if fd is None:
+            fd = os.memfd_create("preforkd-scoreboard", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        else:
+            os.set_inheritable(fd, False)  # inherited across exec
+        self.fd: int = fd
+        self._mm = mmap.mmap(fd, size)
+        self._cells = memoryview(self._mm).cast("Q")
+        self._free: List[int] = list(range(SLOTS - 1, -1, -1))
+
+    def claim(self, slot: Optional[int] = None) -> int:
+        """Reserve a fresh slot, zeroed (state :attr:`State.STARTING`); or, with *slot*,
+        keep an inherited worker's slot as it stands.
+
+        :raises ScoreboardFull: when all :data:`SLOTS` are in use.
+        """
+        if slot is None:
+            if not self._free:
+                raise ScoreboardFull("scoreboard full")
+            slot = self._free.pop()
+            base = slot * CELLS
+            self._cells[base:base + CELLS] = memoryview(bytes(CELLS * 8)).cast("Q")
+        elif slot in self._free:
+            self._free.remove(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        """Give back the slot of a reaped worker."""
+        if slot not in self._free:
+            self._free.append(slot)
+
+    def cells(self, slot: int) -> memoryview:
+        """The slot's cells, for the worker that owns it (index with :data:`STATE`...)."""
+        return self._cells[slot * CELLS:(slot + 1) * CELLS]
+
+    def state(self, slot: int) -> str:
+        """The slot's state as a name (``"idle"``), ``"unknown"`` for a bad value."""
+        try:
+            return State(self._cells[slot * CELLS + STATE]).name.lower()
+        except ValueError:
+            return "unknown"
+
+    def served(self, slot: int) -> int:
+        """Connections served by the slot's worker."""
+        return int(self._cells[slot * CELLS + SERVED])

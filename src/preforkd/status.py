@@ -1,0 +1,108 @@
+"""The status document: what ``preforkd status`` shows, built by the master from what it
+already knows (its pools, the scoreboard, the reload state) and rendered as text by
+the CLI. Its fields are listed in ``docs/operations.md`` (Status); ``--json`` prints
+it as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Iterable, List, Mapping
+
+from .pool import Pool, WorkerInfo
+from .scoreboard import Scoreboard
+
+
+def document(*, pid: int, state: str, generation: int, started_wall: float, config: str, pidfile: str,
+             reload: Dict[str, Any], pools: Mapping[str, Pool], old_workers: Iterable[WorkerInfo],
+             scoreboard: Scoreboard) -> Dict[str, Any]:
+    """The status document (a JSON-able dict).
+
+    :param started_wall: the first start, wall clock (seconds since the epoch).
+    :param old_workers: workers of earlier generations, still being retired.
+    """
+    old = list(old_workers)
+    services = []
+    for pool in pools.values():
+        workers = [_worker(w, scoreboard) for _, w in sorted(pool.workers.items())]
+        workers += [_worker(w, scoreboard) for w in old if w.service == pool.name]
+        services.append({
+            "name": pool.name,
+            "handler": pool.config.handler or None,
+            "command": list(pool.config.command) or None,
+            "workers_target": pool.target,
+            "listeners": [{"configured": str(lst.address), "address": lst.bound, "origin": lst.origin}
+                          for lst in pool.listeners],
+            "backoff": {"failures": pool.failures, "last_failure": pool.last_failure} if pool.failures else None,
+            "workers": workers,
+        })
+    return {
+        "pid": pid,
+        "state": state,
+        "generation": generation,
+        "uptime": round(time.time() - started_wall, 3),
+        "started": started_wall,
+        "config": config,
+        "pidfile": pidfile or None,
+        "reload": reload,
+        "services": services,
+        "retiring_workers": [_worker(w, scoreboard) for w in old if w.service not in pools],
+    }
+
+
+def _worker(w: WorkerInfo, scoreboard: Scoreboard) -> Dict[str, Any]:
+    state = "stopping" if w.stopping else (scoreboard.state(w.slot) if w.ready else "starting")
+    out: Dict[str, Any] = {"pid": w.pid, "number": w.number, "generation": w.generation, "state": state,
+                           "connections": scoreboard.served(w.slot),
+                           "uptime": round(time.monotonic() - w.started, 3)}
+    import psutil  # only status needs it; keeps the re-exec'd image's start-up short
+
+    try:
+        proc = psutil.Process(w.pid)
+        with proc.oneshot():
+            out["rss"] = proc.memory_info().rss
+            cpu = proc.cpu_times()
+            out["cpu"] = round(cpu.user + cpu.system, 3)
+    except (psutil.Error, OSError):
+        out["rss"] = None
+        out["cpu"] = None
+    return out
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    parts = [f"{d}d"] if d else []
+    if d or h:
+        parts.append(f"{h}h")
+    if d or h or m:
+        parts.append(f"{m}m")
+    parts.append(f"{s}s")
+    return " ".join(parts)
+
+
+def render(st: Mapping[str, Any]) -> str:
+    """The status document as the lines ``preforkd status`` prints."""
+    lines: List[str] = [f"preforkd master pid {st['pid']}, {st['state']}, generation {st['generation']}, "
+                        f"up {_duration(st['uptime'])}", f"  config {st['config']}"]
+    rel = st.get("reload") or {}
+    if rel.get("state") == "failed":
+        lines.append(f"  last reload failed: {rel.get('error')}")
+    for svc in st["services"]:
+        what = svc["handler"] or " ".join(svc["command"] or [])
+        lines.append(f"  service {svc['name']} ({what}), {svc['workers_target']} workers")
+        for lst in svc["listeners"]:
+            lines.append(f"    listen {lst['address']}")
+        if svc.get("backoff"):
+            lines.append(f"    back-off after {svc['backoff']['failures']} quick failures: "
+                         f"{svc['backoff']['last_failure']}")
+        for w in svc["workers"]:
+            rss = f"{w['rss'] / 1048576:.1f} MiB" if w.get("rss") else "?"
+            cpu = f"{w['cpu']:.2f} s" if w.get("cpu") is not None else "?"
+            lines.append(f"    worker #{w['number']:<3} pid {w['pid']:<7} gen {w['generation']:<3} "
+                         f"{w['state']:<9} served {w['connections']:<7} rss {rss:<10} cpu {cpu}")
+    for w in st.get("retiring_workers", []):
+        lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
+    return "\n".join(lines)
