@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -20,8 +21,9 @@ import sys
 import textwrap
 import threading
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import psutil
 import pytest
@@ -53,7 +55,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, int
 
 
 def run_cli(*args: str, cwd: Optional[Path] = None, timeout: float = 60, env: Optional[dict] = None,
-            input: Optional[str] = None) -> subprocess.CompletedProcess:
+            input: Optional[str] = None) -> subprocess.CompletedProcess:  # noqa: A002 - subprocess.run's name
     """Run ``python -m preforkd ARGS`` to completion."""
     return subprocess.run(PREFORKD + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=env, input=input)
@@ -129,7 +131,7 @@ class Supervisor:
             return found[count - 1] if len(found) >= count else None
         return wait_for(check, timeout, message=f"event {event} {fields or ''} x{count}")
 
-    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> "Supervisor":
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> Supervisor:
         self.wait_event("supervisor.ready", timeout)
         return self
 
@@ -269,3 +271,131 @@ def pid_gone(pid: int) -> bool:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+# -- client load ----------------------------------------------------------------
+
+
+class Load:
+    """The one load generator of the suite: clients that run until stopped and record
+    every failure by kind (``refused``, ``reset``, ``timeout``, ``truncated``, ``wrong``).
+
+    * *short* threads: connect, send one line, read the reply, close — again and again;
+    * *long* threads: keep one connection open for a random lifetime (well under
+      ``graceful_timeout``), sending a line every few ms and checking every reply;
+      then open the next one. Each long connection is recorded as (start, end, ok).
+
+    *expect* maps a sent line to the replies that are right for it (default: the echo).
+    """
+
+    def __init__(self, addr: Tuple[str, int], short: int = 3, long: int = 3,
+                 lifetime: Tuple[float, float] = (0.3, 1.5),
+                 expect: Optional[Callable[[str], List[str]]] = None) -> None:
+        self.addr = addr
+        self.expect = expect or (lambda line: [line])
+        self.lifetime = lifetime
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.failures: List[str] = []
+        self.spans: List[Tuple[float, float, bool]] = []
+        self.long_threads = long
+        self.last_start: Dict[int, float] = {}  # per long thread: start of its last finished connection
+        self.threads = [threading.Thread(target=self._short, args=(i,), daemon=True) for i in range(short)]
+        self.threads += [threading.Thread(target=self._long, args=(i,), daemon=True) for i in range(long)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+
+    def _fail(self, kind: str, detail: str) -> None:
+        with self.lock:
+            self.counts[kind] += 1
+            if len(self.failures) < 20:
+                self.failures.append(f"{time.monotonic():.3f} {kind}: {detail}")
+
+    @staticmethod
+    def _kind(exc: BaseException) -> str:
+        if isinstance(exc, ConnectionRefusedError):
+            return "refused"
+        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return "reset"
+        if isinstance(exc, socket.timeout):
+            return "timeout"
+        return "error"
+
+    def _check(self, sock: socket.socket, line: str) -> Optional[str]:
+        """Send *line*, read one reply line; returns a failure kind or None."""
+        sock.sendall(line.encode() + b"\r\n")
+        data = recv_until(sock)
+        if not data.endswith(b"\r\n"):
+            return "truncated"
+        if data[:-2].decode() not in self.expect(line) or b"\r\n" in data[:-2]:
+            return "wrong"
+        return None
+
+    def _short(self, tid: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            line = f"short-{tid}-{n}"
+            try:
+                with connect(self.addr, timeout=10) as s:
+                    bad = self._check(s, line)
+            except OSError as exc:
+                self._fail(self._kind(exc), f"{line}: {exc!r}")
+                continue
+            if bad:
+                self._fail(bad, line)
+            else:
+                with self.lock:
+                    self.counts["short_ok"] += 1
+            self.stop.wait(0.002)  # pacing: leave the two cores some air for the supervisor
+
+    def _long(self, tid: int) -> None:
+        rnd = random.Random(tid)
+        c = 0
+        while not self.stop.is_set():
+            c += 1
+            start = time.monotonic()
+            end_at = start + rnd.uniform(*self.lifetime)
+            ok = True
+            lines = 0
+            try:
+                with connect(self.addr, timeout=10) as s:
+                    while time.monotonic() < end_at:
+                        lines += 1
+                        line = f"long-{tid}-{c}-{lines}"
+                        bad = self._check(s, line)
+                        if bad:
+                            self._fail(bad, f"{line} (long)")
+                            ok = False
+                            break
+                        self.stop.wait(0.004)  # pacing
+            except OSError as exc:
+                self._fail(self._kind(exc), f"long-{tid}-{c} after {lines} lines: {exc!r}")
+                ok = False
+            with self.lock:
+                self.counts["long_lines"] += lines
+                self.counts["long_ok" if ok else "long_failed"] += 1
+                self.spans.append((start, time.monotonic(), ok))
+                self.last_start[tid] = start
+
+    def all_long_started_after(self, t: float) -> bool:
+        """Has every long thread finished a connection opened after *t* (so the one
+        it had open at *t* has ended and been recorded)?"""
+        with self.lock:
+            return len(self.last_start) == self.long_threads and min(self.last_start.values()) > t
+
+    def bad(self) -> Dict[str, int]:
+        with self.lock:
+            return {k: v for k, v in self.counts.items() if k not in ("short_ok", "long_ok", "long_lines")}

@@ -8,20 +8,18 @@ refused, reset, truncated or wrong reply.
 from __future__ import annotations
 
 import os
-import random
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import psutil
 import pytest
 
-from conftest import connect, exchange, recv_until, run_cli, wait_for, write_config
+from conftest import Load, connect, exchange, recv_until, run_cli, wait_for, write_config
 
 ECHO = '''
     [[service]]
@@ -86,133 +84,6 @@ def refused(addr) -> bool:
         return True
     except OSError:
         return False
-
-
-# -- client load ----------------------------------------------------------------
-
-
-class Load:
-    """Clients that run until stopped and record every failure.
-
-    * *short* threads: connect, send one line, read the reply, close — again and again;
-    * *long* threads: keep one connection open for a random lifetime (well under
-      ``graceful_timeout``), sending a line every few ms and checking every reply;
-      then open the next one. Each long connection is recorded as (start, end, ok).
-
-    *expect* maps a sent line to the replies that are right for it (default: the echo).
-    """
-
-    def __init__(self, addr: Tuple[str, int], short: int = 3, long: int = 3,
-                 lifetime: Tuple[float, float] = (0.3, 1.5),
-                 expect: Optional[Callable[[str], List[str]]] = None) -> None:
-        self.addr = addr
-        self.expect = expect or (lambda line: [line])
-        self.lifetime = lifetime
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.counts: Counter = Counter()
-        self.failures: List[str] = []
-        self.spans: List[Tuple[float, float, bool]] = []
-        self.long_threads = long
-        self.last_start: Dict[int, float] = {}  # per long thread: start of its last finished connection
-        self.threads = [threading.Thread(target=self._short, args=(i,), daemon=True) for i in range(short)]
-        self.threads += [threading.Thread(target=self._long, args=(i,), daemon=True) for i in range(long)]
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.finish()
-
-    def finish(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-    def _fail(self, kind: str, detail: str) -> None:
-        with self.lock:
-            self.counts[kind] += 1
-            if len(self.failures) < 20:
-                self.failures.append(f"{time.monotonic():.3f} {kind}: {detail}")
-
-    @staticmethod
-    def _kind(exc: BaseException) -> str:
-        if isinstance(exc, ConnectionRefusedError):
-            return "refused"
-        if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
-            return "reset"
-        if isinstance(exc, socket.timeout):
-            return "timeout"
-        return "error"
-
-    def _check(self, sock: socket.socket, line: str) -> Optional[str]:
-        """Send *line*, read one reply line; returns a failure kind or None."""
-        sock.sendall(line.encode() + b"\r\n")
-        data = recv_until(sock)
-        if not data.endswith(b"\r\n"):
-            return "truncated"
-        if data[:-2].decode() not in self.expect(line) or b"\r\n" in data[:-2]:
-            return "wrong"
-        return None
-
-    def _short(self, tid: int) -> None:
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            line = f"short-{tid}-{n}"
-            try:
-                with connect(self.addr, timeout=10) as s:
-                    bad = self._check(s, line)
-            except OSError as exc:
-                self._fail(self._kind(exc), f"{line}: {exc!r}")
-                continue
-            if bad:
-                self._fail(bad, line)
-            else:
-                with self.lock:
-                    self.counts["short_ok"] += 1
-            time.sleep(0.002)  # leave the two cores some air for the supervisor
-
-    def _long(self, tid: int) -> None:
-        rnd = random.Random(tid)
-        c = 0
-        while not self.stop.is_set():
-            c += 1
-            start = time.monotonic()
-            end_at = start + rnd.uniform(*self.lifetime)
-            ok = True
-            lines = 0
-            try:
-                with connect(self.addr, timeout=10) as s:
-                    while time.monotonic() < end_at:
-                        lines += 1
-                        line = f"long-{tid}-{c}-{lines}"
-                        bad = self._check(s, line)
-                        if bad:
-                            self._fail(bad, f"{line} (long)")
-                            ok = False
-                            break
-                        time.sleep(0.004)
-            except OSError as exc:
-                self._fail(self._kind(exc), f"long-{tid}-{c} after {lines} lines: {exc!r}")
-                ok = False
-            with self.lock:
-                self.counts["long_lines"] += lines
-                self.counts["long_ok" if ok else "long_failed"] += 1
-                self.spans.append((start, time.monotonic(), ok))
-                self.last_start[tid] = start
-
-    def all_long_started_after(self, t: float) -> bool:
-        """Has every long thread finished a connection opened after *t* (so the one
-        it had open at *t* has ended and been recorded)?"""
-        with self.lock:
-            return len(self.last_start) == self.long_threads and min(self.last_start.values()) > t
-
-    def bad(self) -> Dict[str, int]:
-        with self.lock:
-            return {k: v for k, v in self.counts.items() if k not in ("short_ok", "long_ok", "long_lines")}
 
 
 # -- the load test ----------------------------------------------------------------
@@ -285,7 +156,8 @@ def test_a_lone_client_is_never_stranded(supervisor):
             hup_and_wait(sv, n)
             mark = done[0]
             # The next reload would unstick a stranded connection: wait for it here.
-            wait_for(lambda: failures or done[0] >= mark + 300, timeout=20, message="connections after the reload")
+            wait_for(lambda mark=mark: failures or done[0] >= mark + 300, timeout=20,
+                     message="connections after the reload")
             assert not failures, f"reload {n}: {failures}"
     finally:
         stop.set()
@@ -351,7 +223,7 @@ def test_reload_changes_worker_count(supervisor):
     for gen, n in ((2, 4), (3, 1)):
         rewrite(sv, ECHO.format(workers=n))
         assert reload_cli(sv).returncode == 0
-        st = wait_for(lambda: settled(sv, {"echo": n}), message=f"{n} workers of generation {gen}")
+        st = wait_for(lambda n=n: settled(sv, {"echo": n}), message=f"{n} workers of generation {gen}")
         assert st["generation"] == gen and st["pid"] == sv.pid
         pids = {w["pid"] for w in st["services"][0]["workers"]}
         assert not pids & gen1 and master_children(sv) == sorted(pids)

@@ -24,8 +24,7 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import (ROOT, LogReader, Supervisor, exchange, recv_until, run_cli, wait_for,
-                      write_config)
+from conftest import ROOT, LogReader, Supervisor, exchange, recv_until, run_cli, wait_for, write_config
 
 try:  # Python 3.11+
     import tomllib
@@ -66,7 +65,7 @@ class NotifySocket:
         while not self.closed.is_set():
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -220,7 +219,7 @@ def start_activated(started: list, directory: Path, body: str, sockets: List[str
         env.update(setenv)
         sv = Activated(cfg, argv, env)
         started.append(sv)
-        wait_for(lambda: sv.proc.poll() is not None or sv.log.text().count("Listening on") == len(sockets),
+        wait_for(lambda sv=sv: sv.proc.poll() is not None or sv.log.text().count("Listening on") == len(sockets),
                  message="systemd-socket-activate listening")
         if sv.proc.poll() is None:
             sv.ports = ports  # type: ignore[attr-defined]

@@ -3,12 +3,11 @@
 import os
 import signal
 import socket
-import threading
 import time
 
 import psutil
 
-from conftest import connect, exchange, pid_gone, recv_all, recv_until, wait_for
+from conftest import Load, connect, exchange, pid_gone, recv_all, recv_until, wait_for
 
 POOL = '''
 [supervisor]
@@ -22,59 +21,23 @@ workers = 3
 '''
 
 
-class Load:
-    """Client threads making short connections until stopped; counts failures."""
-
-    def __init__(self, addr, threads=4):
-        self.addr, self.ok, self.failures = addr, 0, []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, n):
-        i = 0
-        while not self._stop.is_set():
-            msg = f"load {n} {i}".encode()
-            i += 1
-            try:
-                got = exchange(self.addr, msg + b"\n")
-                bad = got != msg + b"\r\n"
-            except OSError as exc:
-                got, bad = repr(exc), True
-            with self._lock:
-                if bad:
-                    self.failures.append(got)
-                else:
-                    self.ok += 1
-
-    def stop(self):
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
-
-
 def test_kill_9_worker_under_load_is_replaced_others_unaffected(supervisor):
     sv = supervisor(POOL)
     pids = sv.worker_pids()
     assert len(pids) == 3
-    load = Load(sv.tcp("echo"))
-    try:
-        wait_for(lambda: load.ok > 50)
+    with Load(sv.tcp("echo"), short=4, long=0) as load:
+        wait_for(lambda: load.counts["short_ok"] > 50)
         victim = pids[0]
         os.kill(victim, signal.SIGKILL)
         ev = sv.wait_event("worker.exited", child=victim)
         assert ev["signal"] == "SIGKILL"
         new = wait_for(lambda: [p for p in sv.worker_pids() if p not in pids], message="replacement")
-        before = load.ok
-        wait_for(lambda: load.ok > before + 50)
-    finally:
-        load.stop()
+        before = load.counts["short_ok"]
+        wait_for(lambda: load.counts["short_ok"] > before + 50)
     now = sv.worker_pids()
     assert set(pids[1:]) <= set(now) and new[0] in now and len(now) == 3
     # at most the one connection the killed worker had in hand
-    assert len(load.failures) <= 1, load.failures
+    assert sum(load.bad().values()) <= 1, load.failures
 
 
 def refused(addr):
@@ -155,7 +118,7 @@ def test_max_requests_recycles_worker(supervisor):
     sv = supervisor(POOL.replace("workers = 3", "workers = 1\nmax_requests = 3"))
     addr = sv.tcp("echo")
     first = sv.worker_pids()[0]
-    for i in range(3):
+    for _i in range(3):
         assert exchange(addr, b"x\n") == b"x\r\n"
     sv.wait_event("worker.max_requests")
     ev = sv.wait_event("worker.exited", child=first)
@@ -255,6 +218,24 @@ def test_int_is_a_quick_stop(supervisor):
     assert sv.wait_exit() == 0
     assert all(pid_gone(p) for p in pids)
     assert sv.log.find("supervisor.stopping", graceful=False)
+
+
+def test_quit_stops_the_master_quickly_with_a_connection_in_hand(supervisor, tmp_path):
+    """QUIT is a quick stop: with a client holding a connection open and a graceful
+    timeout far longer than the test may run, the master still exits at once (its
+    workers get QUIT, not TERM), and cleans up its files."""
+    sv = supervisor(POOL.replace("graceful_timeout = 10", "graceful_timeout = 3600"))
+    pids = sv.worker_pids()
+    with connect(sv.tcp("echo"), timeout=20) as s:
+        s.sendall(b"hi\n")
+        assert recv_until(s) == b"hi\r\n"
+        sv.signal(signal.SIGQUIT)
+        assert recv_all(s) == b""  # the busy worker quit: no graceful finish
+    assert sv.wait_exit(timeout=20) == 0
+    assert all(pid_gone(p) for p in pids)
+    assert sv.log.find("supervisor.stopping", signal="SIGQUIT", graceful=False)
+    assert sv.log.find("supervisor.stopped")
+    assert not (tmp_path / "run" / "preforkd.pid").exists() and not (tmp_path / "run" / "preforkd.sock").exists()
 
 
 def test_hup_never_kills_the_supervisor(supervisor):
