@@ -73,7 +73,20 @@ def assert_one_line_error(res, cfg, *fragments):
     (GOOD_SERVICE + 'workers = true\n', ["service[0].workers", "integer >= 1, got true"]),
     (GOOD_SERVICE + 'workers = 2.5\n', ["service[0].workers", "integer >= 1"]),
     (GOOD_SERVICE + 'idle_timeout = "5"\n', ["service[0].idle_timeout", "number of seconds"]),
-    (GOOD_SERVICE + 'idle_timeout = nan\n', ["service[0].idle_timeout", "number of seconds > 0, got nan"]),
+    (GOOD_SERVICE + 'idle_timeout = nan\n', ["service[0].idle_timeout", "number of seconds >= 0.01, got nan"]),
+    # capacity: timeouts too small to mean anything, pool bounds, worker kinds
+    (GOOD_SERVICE + 'idle_timeout = 0.0000001\n', ["service[0].idle_timeout", "number of seconds >= 0.01"]),
+    (GOOD_SERVICE + 'line_timeout = 0\n', ["service[0].line_timeout", "number of seconds >= 0.01"]),
+    ('[supervisor]\ngraceful_timeout = 0.001\n' + GOOD_SERVICE, ["supervisor.graceful_timeout", ">= 0.01"]),
+    (GOOD_SERVICE + 'workers = 8\nmax_workers = 4\n', ["service[0].max_workers", "at least workers (8), got 4"]),
+    (GOOD_SERVICE + 'max_workers = 5000\n', ["service[0].max_workers", "at most 1024"]),
+    (GOOD_SERVICE + 'max_workers = 8\nmin_spare_workers = 0\n', ["service[0].min_spare_workers", ">= 1"]),
+    (GOOD_SERVICE + 'min_spare_workers = 4\nmax_spare_workers = 4\n',
+     ["service[0].max_spare_workers", "greater than min_spare_workers (4)"]),
+    (GOOD_SERVICE + 'worker_connections = 0\n', ["service[0].worker_connections", ">= 1"]),
+    (GOOD_SERVICE.replace('handler', 'x') + 'command = ["/bin/cat"]\nworker_connections = 10\n',
+     ["service[0].worker_connections", "command service", "must be 1"]),
+    ('[supervisor]\nevent_loop = "trio"\n' + GOOD_SERVICE, ["supervisor.event_loop", "auto, asyncio, uvloop"]),
     (GOOD_SERVICE + 'idle_timeout = inf\n', ["service[0].idle_timeout", "at most"]),
     ('[supervisor]\ngraceful_timeout = 1e30\n' + GOOD_SERVICE, ["supervisor.graceful_timeout", "at most"]),
     (GOOD_SERVICE + 'backlog = 100000000000\n', ["service[0].backlog", "at most"]),
@@ -149,3 +162,31 @@ def test_builtin_default_checks(tmp_path):
 def test_workers_has_an_upper_bound(tmp_path):
     res, cfg = check(tmp_path, GOOD_SERVICE + "workers = 100000\n")
     assert_one_line_error(res, cfg, "service[0].workers", "at most 1024")
+
+
+@pytest.mark.parametrize("code, extra, fragments", [
+    ("async def h(line):\n    return line\n", "",
+     ["service[0].handler", "async def handler", "worker_connections > 1"]),
+    ("import preforkd\nclass H(preforkd.LineHandler):\n    async def on_line(self, line):\n        return line\n", "",
+     ["service[0].handler", "async def handler"]),
+    ("def h():\n    return 'x'\n", "", ["service[0].handler", "cannot be called as one argument, the line"]),
+    ("def h(a, b):\n    return a\n", "", ["service[0].handler", "signature is (a, b)"]),
+    ("import preforkd\nclass H(preforkd.LineHandler):\n    def on_line(self):\n        return 'x'\n", "",
+     ["service[0].handler", "on_line(self, line)"]),
+    ("import preforkd\n@preforkd.connection_handler\ndef h(conn):\n    pass\n", "worker_connections = 8\n",
+     ["service[0].worker_connections", "@connection_handler", "worker_connections = 1"]),
+])
+def test_check_refuses_handlers_that_cannot_run(tmp_path, code, extra, fragments):
+    """Handlers that could not take one line, and async handlers where they cannot run,
+    are refused by check (they used to pass and fail every connection)."""
+    (tmp_path / "hmod.py").write_text(code)
+    res, cfg = check(tmp_path, '[supervisor]\npython_path = ["."]\n' + GOOD_SERVICE + 'handler = "hmod:h"\n'.replace(
+        "hmod:h", "hmod:H" if "class H" in code else "hmod:h") + extra)
+    assert_one_line_error(res, cfg, *fragments)
+
+
+def test_check_accepts_async_handlers_in_event_driven_workers(tmp_path):
+    (tmp_path / "amod.py").write_text("async def h(line):\n    return line\n")
+    res, _ = check(tmp_path, '[supervisor]\npython_path = ["."]\n' + GOOD_SERVICE
+                   + 'handler = "amod:h"\nworker_connections = 100\nmax_workers = 8\n')
+    assert res.returncode == 0, res.stderr

@@ -1,10 +1,46 @@
-"""Line protocols over real sockets: framing, limits, bad clients, built-ins, handler API."""
+"""Line protocols over real sockets: framing, limits, bad clients, built-ins, handler API.
+
+Every test runs three times: with one-connection workers, and with event-driven workers
+(``worker_connections > 1``) on asyncio's loop and on uvloop's, which must behave
+exactly alike: same replies, same limits, same events.
+"""
 
 import socket
 import struct
+import textwrap
 import threading
 
+import pytest
+
 from conftest import connect, exchange, recv_all, recv_until, wait_for
+
+
+def event_driven(body: str, loop: str) -> str:
+    """*body* with ``worker_connections = 16`` in every service and *loop* as the
+    supervisor's ``event_loop``."""
+    text = textwrap.dedent(body)
+    text = text.replace("[[service]]\n", "[[service]]\nworker_connections = 16\n")
+    if "[supervisor]" in text:
+        return text.replace("[supervisor]\n", f'[supervisor]\nevent_loop = "{loop}"\n', 1)
+    return (f'[supervisor]\npidfile = "run/preforkd.pid"\ncontrol_socket = "run/preforkd.sock"\n'
+            f'graceful_timeout = 10\nevent_loop = "{loop}"\n' + text)
+
+
+@pytest.fixture(params=["sync", "asyncio", "uvloop"])
+def kind(request):
+    """The worker model under test."""
+    return request.param
+
+
+@pytest.fixture
+def supervisor(supervisor, kind):
+    """The harness's supervisor factory, with event-driven workers unless *kind* is sync."""
+    if kind == "sync":
+        return supervisor
+
+    def start(body, **kw):
+        return supervisor(event_driven(body, kind), **kw)
+    return start
 
 ONE_WORKER = '''
 [[service]]
@@ -170,8 +206,11 @@ def test_daytime_rfc867(supervisor):
     assert b"UTC" in data
 
 
-def test_line_handler_class_and_connection_handler(supervisor, tmp_path):
+def test_line_handler_class_and_connection_handler(supervisor, tmp_path, kind):
     from conftest import ROOT
+
+    if kind != "sync":
+        pytest.skip("a @connection_handler needs worker_connections = 1 (test_capacity covers classes)")
 
     sv = supervisor(f'''
         [supervisor]

@@ -5,7 +5,7 @@ supervisor's own machinery and may change.
 """
 
 from .handler import CLOSE, Close, LineHandler, Reply, connection_handler
-from .protocol import BadEncoding, Connection, IdleTimeout, LineTooLong, ProtocolError
+from .protocol import BadEncoding, Connection, IdleTimeout, LineTimeout, LineTooLong, ProtocolError
 
 __all__ = [
     "CLOSE",
@@ -14,6 +14,7 @@ __all__ = [
     "Connection",
     "IdleTimeout",
     "LineHandler",
+    "LineTimeout",
     "LineTooLong",
     "ProtocolError",
     "Reply",

@@ -13,6 +13,7 @@ The keys are documented in ``docs/configuration.md`` and ``etc/preforkd.toml``.
 from __future__ import annotations
 
 import grp
+import importlib.util
 import os
 import pwd
 import sys
@@ -35,6 +36,12 @@ LOG_FORMATS = ("auto", "json", "console")
 #: Largest number of seconds a timeout may be (the kernel's timers take whole seconds
 #: as a C int or unsigned; about 31 years).
 MAX_SECONDS = 1_000_000_000
+#: Shortest timeout that means something: the kernel's socket timers tick in jiffies
+#: (1-10 ms), and a smaller SO_RCVTIMEO rounds to zero, which means "no timeout".
+MIN_SECONDS = 0.01
+#: Connections one event-driven worker may serve at once (each costs a descriptor).
+MAX_WORKER_CONNECTIONS = 1_000_000
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 #: listen(2) takes an int; the kernel caps it at net.core.somaxconn anyway.
 MAX_BACKLOG = 2 ** 31 - 1
 #: Workers per pool (TTIN stops there too); the scoreboard has room for four times
@@ -70,6 +77,7 @@ class SupervisorConfig:
     user: str
     group: str
     python_path: Tuple[str, ...]
+    event_loop: str  # auto | asyncio | uvloop: the event-driven workers' loop
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,21 @@ class ServiceConfig:
     backlog: int
     socket_mode: int
     reuse_port: bool
+    max_workers: int  # == workers: a fixed pool
+    min_spare_workers: int
+    max_spare_workers: int
+    worker_connections: int  # > 1: event-driven workers
+    line_timeout: float  # seconds from a line's first byte to its end
+
+    @property
+    def dynamic(self) -> bool:
+        """The pool grows and shrinks between ``workers`` and ``max_workers``."""
+        return self.max_workers > self.workers
+
+    @property
+    def event_driven(self) -> bool:
+        """Each worker serves up to ``worker_connections`` connections on an event loop."""
+        return self.worker_connections > 1
 
     @property
     def is_command(self) -> bool:
@@ -181,11 +204,11 @@ class _Validator:
             raise self.fail(f"{keypath}.{key}", f"must be at most {maximum}, got {value}")
         return value
 
-    def number(self, data: Dict[str, Any], key: str, keypath: str, default: float, positive: bool = True) -> float:
+    def number(self, data: Dict[str, Any], key: str, keypath: str, default: float) -> float:
         value = data.get(key, default)
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # nan
-                or (positive and value <= 0)):
-            raise self.fail(f"{keypath}.{key}", f"must be a number of seconds > 0, got {_show(value)}")
+                or value < MIN_SECONDS):
+            raise self.fail(f"{keypath}.{key}", f"must be a number of seconds >= {MIN_SECONDS:g}, got {_show(value)}")
         if value > MAX_SECONDS:  # inf too: the kernel's timers want a number
             raise self.fail(f"{keypath}.{key}", f"must be at most {MAX_SECONDS} seconds, got {_show(value)}")
         return float(value)
@@ -218,12 +241,13 @@ class _Validator:
 
 SUPERVISOR_KEYS = (
     "pidfile", "control_socket", "graceful_timeout", "working_directory",
-    "umask", "user", "group", "python_path",
+    "umask", "user", "group", "python_path", "event_loop",
 )
 LOG_KEYS = ("level", "format", "file")
 SERVICE_KEYS = (
     "name", "listen", "handler", "command", "workers", "max_requests", "idle_timeout",
     "max_line_length", "backlog", "socket_mode", "reuse_port",
+    "max_workers", "min_spare_workers", "max_spare_workers", "worker_connections", "line_timeout",
 )
 
 BUILTIN_DEFAULT: Dict[str, Any] = {
@@ -333,7 +357,14 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
         user=v.string(sup, "user", "supervisor", ""),
         group=v.string(sup, "group", "supervisor", ""),
         python_path=tuple(v.path(p) for p in python_path),
+        event_loop=v.string(sup, "event_loop", "supervisor", "auto"),
     )
+    if supervisor.event_loop not in EVENT_LOOPS:
+        raise v.fail("supervisor.event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, got "
+                     f"{_show(supervisor.event_loop)}")
+    if supervisor.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise v.fail("supervisor.event_loop", 'is "uvloop" but uvloop is not installed '
+                     "(pip install 'preforkd[uvloop]')")
     if supervisor.user:
         _check_user(v, supervisor.user)
     if supervisor.group:
@@ -430,12 +461,30 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
         if not module or not attr or not all(part.isidentifier() for part in module.split(".") + attr.split(".")):
             raise v.fail(f"{kp}.handler", f'must be "module:attribute", got {_show(handler)}')
 
+    workers = v.integer(svc, "workers", kp, 4, 1, MAX_WORKERS)
+    max_workers = v.integer(svc, "max_workers", kp, workers, 1, MAX_WORKERS)
+    if max_workers < workers:
+        raise v.fail(f"{kp}.max_workers", f"must be at least workers ({workers}), got {max_workers}")
+    min_spare = v.integer(svc, "min_spare_workers", kp, 1, 1, MAX_WORKERS)
+    max_spare = v.integer(svc, "max_spare_workers", kp, max(4, 2 * min_spare), 2, MAX_WORKERS)
+    if max_spare <= min_spare:
+        raise v.fail(f"{kp}.max_spare_workers", f"must be greater than min_spare_workers ({min_spare}), "
+                     f"got {max_spare}")
+    worker_connections = v.integer(svc, "worker_connections", kp, 1, 1, MAX_WORKER_CONNECTIONS)
+    if command and worker_connections > 1:
+        raise v.fail(f"{kp}.worker_connections", "a command service serves one connection per worker "
+                     f"(its program owns the socket): must be 1, got {worker_connections}")
     return ServiceConfig(
         name=name,
         listen=tuple(listen),
         handler=handler,
         command=command,
-        workers=v.integer(svc, "workers", kp, 4, 1, MAX_WORKERS),
+        workers=workers,
+        max_workers=max_workers,
+        min_spare_workers=min_spare,
+        max_spare_workers=max_spare,
+        worker_connections=worker_connections,
+        line_timeout=v.number(svc, "line_timeout", kp, 60),
         max_requests=v.integer(svc, "max_requests", kp, 0, 0),
         idle_timeout=v.number(svc, "idle_timeout", kp, 300),
         max_line_length=v.integer(svc, "max_line_length", kp, 8192, 1),

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
@@ -113,11 +114,14 @@ class HandlerKind(enum.Enum):
 
 @dataclass(frozen=True)
 class Handler:
-    """A resolved handler: what ``module:attribute`` named, and its shape."""
+    """A resolved handler: what ``module:attribute`` named, its shape, and whether it
+    awaits (an ``async def`` line function, or a LineHandler with ``async def``
+    hooks), which only an event-driven worker can run."""
 
     spec: str
     kind: HandlerKind
     target: Any
+    is_async: bool = False
 
     def worker_init(self) -> None:
         """Run the handler's per-worker set-up (``LineHandler.worker_init``), if any.
@@ -172,7 +176,39 @@ def resolve(spec: str) -> Handler:
     if kind is None:
         raise HandlerError(f"{spec} is not a handler (a function of one line, a LineHandler subclass, "
                            "or a @connection_handler function)")
-    return Handler(spec=spec, kind=kind, target=obj)
+    _check_signature(spec, kind, obj)
+    return Handler(spec=spec, kind=kind, target=obj, is_async=_awaits(kind, obj))
+
+
+def _awaits(kind: HandlerKind, obj: Any) -> bool:
+    if kind is HandlerKind.LINE:
+        return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(type(obj).__call__)
+    if kind is HandlerKind.CLASS:
+        return any(inspect.iscoroutinefunction(getattr(obj, name)) for name in ("on_connect", "on_line", "on_close"))
+    return inspect.iscoroutinefunction(obj)
+
+
+def _check_signature(spec: str, kind: HandlerKind, obj: Any) -> None:
+    """Refuse a handler that could not take what the worker will pass it (one line, or
+    the connection), which would otherwise fail on every connection.
+
+    :raises HandlerError: naming what it takes.
+    """
+    if kind is HandlerKind.CLASS:
+        calls = [(obj, ("conn",), "__init__(self, conn)"), (obj.on_line, (None, "line"), "on_line(self, line)")]
+    elif kind is HandlerKind.LINE:
+        calls = [(obj, ("line",), "one argument, the line")]
+    else:
+        calls = [(obj, ("conn",), "one argument, the connection")]
+    for func, args, wanted in calls:
+        try:
+            signature = inspect.signature(func)
+        except (TypeError, ValueError):
+            continue  # a builtin without a signature: cannot tell, let it be
+        try:
+            signature.bind(*args)
+        except TypeError:
+            raise HandlerError(f"{spec} cannot be called as {wanted}: its signature is {signature}") from None
 
 
 def load_handlers(config: Config) -> Dict[str, Handler]:
@@ -188,7 +224,16 @@ def load_handlers(config: Config) -> Dict[str, Handler]:
         if svc.command:
             continue
         try:
-            out[svc.name] = resolve(svc.handler)
+            handler = resolve(svc.handler)
         except HandlerError as exc:
             raise ConfigError(config.source, f"service[{index}].handler", str(exc)) from None
+        if handler.kind is HandlerKind.CONNECTION and svc.event_driven:
+            raise ConfigError(config.source, f"service[{index}].worker_connections",
+                              f"{svc.handler} is a @connection_handler, which owns a blocking socket: "
+                              f"it needs worker_connections = 1, got {svc.worker_connections}")
+        if handler.is_async and not svc.event_driven:
+            raise ConfigError(config.source, f"service[{index}].handler",
+                              f"{svc.handler} is an async def handler: it runs only in event-driven workers "
+                              "(set worker_connections > 1)")
+        out[svc.name] = handler
     return out

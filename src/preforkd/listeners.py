@@ -232,10 +232,21 @@ def address_matches(configured: Address, sock: socket.socket) -> bool:
 def set_timeouts(sock: socket.socket, seconds: float) -> None:
     """Set ``SO_RCVTIMEO`` and ``SO_SNDTIMEO`` to *seconds* on *sock* (socket(7)); a
     blocking socket's ``recv``/``send`` then fail with ``EAGAIN`` after that long."""
-    whole = int(seconds)
-    tv = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+    tv = _timeval(seconds)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    usec = int((seconds - whole) * 1_000_000)
+    return struct.pack("ll", whole, usec if whole or usec else 1)
+
+
+def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
+    """Set ``SO_RCVTIMEO`` alone to *seconds* (> 0; never rounded down to 0, which
+    would mean no timeout), socket(7)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
 
 
 def tune(listener: Listener, service: ServiceConfig) -> None:
@@ -385,3 +396,22 @@ def _sockname(sock: socket.socket) -> str:
         return format_sockname(sock.family, sock.getsockname())
     except OSError:
         return "?"
+
+
+def queue_length(sock: socket.socket) -> Optional[int]:
+    """Connections waiting in a listening TCP socket's accept queue, or ``None`` for a
+    socket that does not say (a Unix listener). Linux reports the queue length of a
+    listening socket in ``TCP_INFO``'s ``tcpi_unacked`` (and its limit in
+    ``tcpi_sacked``), tcp(7); unicorn's raindrops reads the same. One system call."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    except OSError:
+        return None
+    return int(struct.unpack_from("I", info, _TCPI_UNACKED)[0]) if len(info) >= _TCPI_UNACKED + 4 else None
+
+
+#: Offset of ``tcpi_unacked`` in ``struct tcp_info`` (linux/tcp.h): 8 bytes of u8 fields,
+#: then the u32s tcpi_rto, tcpi_ato, tcpi_snd_mss, tcpi_rcv_mss, tcpi_unacked.
+_TCPI_UNACKED = 24

@@ -34,6 +34,7 @@ from .config import Config, credentials
 from .control import ControlServer
 from .daemon import Launcher
 from .handler import Handler
+from .limits import raise_nofile_limit
 from .listeners import Listener, ListenerError, listener_specs, open_listeners, prebind
 from .log import EventLog
 from .notify import Notifier
@@ -125,18 +126,18 @@ class Master:
         for sig in MASTER_SIGNALS:
             signal.signal(sig, self._on_signal)
         reexec.unblock_signals()  # blocked across exec by the previous image, or by the CLI
+        raise_nofile_limit(self.config, self.logger)
         self.pidfile = take_pidfile(self.config.supervisor.pidfile, self.pid, h.pidfile_fd if h else None,
                                     h.pidfile_path if h else "")
         self.workers.open_pipes(self.selector, (h.alive_r, h.alive_w) if h else None, self.generation, self.log,
-                                self.creds)
+                                self.creds, self.config.supervisor.event_loop)
         self.listeners = open_listeners(self.config, h.listeners if h else (), self.creds.socket_owner,
                                         self.logger)
         self.control.take_over(self.config.supervisor.control_socket, h.control_fd if h else None,
                                h.control_path if h else "", h.control_file_id if h else None)
         for svc in self.config.services:
             lsts = [self.listeners[s.key] for s in listener_specs(self.config) if s.service is svc]
-            self.pools[svc.name] = Pool(config=svc, listeners=lsts, handler=self.handlers.get(svc.name),
-                                        target=svc.workers)
+            self.pools[svc.name] = Pool.create(svc, lsts, self.handlers.get(svc.name), self.scoreboard)
         for inherited in h.workers if h else ():
             w = self.workers.inherit(inherited)
             if w.service not in self.pools:
@@ -372,7 +373,7 @@ class Master:
         now = time.monotonic()
         deadlines = [now + 1.0]
         for pool in self.pools.values():
-            if pool.missing_numbers() and self.phase is not Phase.STOPPING:
+            if len(pool.active()) < pool.target and self.phase is not Phase.STOPPING:
                 deadlines.append(pool.next_spawn_at)
             if pool.failures:
                 deadlines.append(now + 0.25)

@@ -10,25 +10,30 @@ generations are not in a pool: the master keeps them apart until they are reaped
 from __future__ import annotations
 
 import gc
+import multiprocessing
 import os
 import selectors
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .config import MAX_WORKERS, Credentials, ServiceConfig
 from .handler import Handler
-from .listeners import Listener
+from .listeners import Listener, queue_length
 from .log import EventLog, Logger
 from .reexec import InheritedWorker, set_inheritable
-from .scoreboard import Scoreboard, ScoreboardFull
+from .scoreboard import ARMED, Scoreboard, ScoreboardFull, State
 from .signals import describe_status, kill_quietly
 from .worker import EXIT_INIT_FAILED, WorkerEnv, WorkerSpec
 from .worker import run as run_worker
 
 #: A worker that dies within this many seconds of its start counts as a quick failure.
 MIN_UPTIME = 1.0
+#: A dynamic pool spawns at most this many workers at once (no fork storm).
+MAX_SPAWN_BATCH = 32
+#: Seconds more than ``max_spare_workers`` must stay idle before a dynamic pool shrinks.
+SPARE_GRACE = 10.0
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 30.0
 
@@ -76,35 +81,107 @@ class WorkerInfo:
 
 
 @dataclass
+class Census:
+    """A pool's workers by state, from the scoreboard: *idle* can take a connection now
+    (an event-driven worker below its ``worker_connections``), *busy* cannot, *starting*
+    are forked but not accepting yet. Workers told to stop are not counted."""
+
+    idle: int = 0
+    busy: int = 0
+    starting: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.idle + self.busy + self.starting
+
+
+@dataclass
 class Pool:
     """One service's pool: its configuration, listeners, handler and current-generation
-    workers. ``handler`` is ``None`` for a ``command`` service. ``next_spawn_at`` is
-    monotonic seconds; ``failures`` counts quick failures in a row."""
+    workers. ``handler`` is ``None`` for a ``command`` service.
+
+    ``floor`` is ``workers`` (TTIN/TTOU move it), ``target`` the number of workers the
+    pool wants now: the floor for a fixed pool, between the floor and ``max_workers`` for
+    a dynamic one (:meth:`adjust`). ``next_spawn_at`` and ``surplus_since`` are monotonic
+    seconds; ``failures`` counts quick failures in a row.
+
+    A dynamic pool also has ``idle_sem``, a process-shared semaphore whose value is the
+    number of idle workers (workers post it when they turn idle and take it when they
+    turn busy, without a system call), and ``cells``, a scoreboard slot of its own whose
+    :data:`~preforkd.scoreboard.ARMED` cell tells a worker that finds the pool short of
+    spares to wake the master (once; the master re-arms it).
+    """
 
     config: ServiceConfig
     listeners: List[Listener]
     handler: Optional[Handler]
+    floor: int
     target: int
     workers: Dict[int, WorkerInfo] = field(default_factory=dict)  # number -> worker
     failures: int = 0
     next_spawn_at: float = 0.0
     last_failure: str = ""
+    idle_sem: Any = None  # multiprocessing Semaphore, dynamic pools only
+    cells: Optional[memoryview] = None  # the pool's scoreboard slot, dynamic pools only
+    surplus_since: Optional[float] = None
+    saturated: bool = False
+
+    @classmethod
+    def create(cls, config: ServiceConfig, listeners: List[Listener], handler: Optional[Handler],
+               scoreboard: Scoreboard) -> Pool:
+        """A new pool at its floor; a dynamic one gets its idle semaphore and scoreboard slot.
+
+        :raises ScoreboardFull: when no slot is left for a dynamic pool.
+        """
+        pool = cls(config=config, listeners=listeners, handler=handler, floor=config.workers, target=config.workers)
+        if config.dynamic:
+            pool.idle_sem = multiprocessing.get_context("fork").Semaphore(0)
+            pool.cells = scoreboard.cells(scoreboard.claim())
+        return pool
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def missing_numbers(self) -> List[int]:
-        """Worker numbers 1..target with no live worker."""
-        return [n for n in range(1, self.target + 1) if n not in self.workers]
+    @property
+    def ceiling(self) -> int:
+        """``max_workers``, or the floor when TTIN raised it higher."""
+        return max(self.config.max_workers, self.floor)
 
-    def surplus(self) -> List[WorkerInfo]:
-        """Workers numbered above the target and not yet told to stop."""
-        return [w for n, w in self.workers.items() if n > self.target and not w.stopping]
+    def active(self) -> List[WorkerInfo]:
+        """Workers not told to stop."""
+        return [w for w in self.workers.values() if not w.stopping]
+
+    def census(self, scoreboard: Scoreboard) -> Census:
+        """Count the workers by state from the scoreboard (no system call)."""
+        census = Census()
+        for w in self.workers.values():
+            if w.stopping:
+                continue
+            state = scoreboard.state_code(w.slot) if w.ready else State.STARTING
+            if state == State.IDLE:
+                census.idle += 1
+            elif state == State.BUSY:
+                census.busy += 1
+            else:
+                census.starting += 1
+        return census
+
+    def free_numbers(self, count: int) -> List[int]:
+        """The *count* lowest worker numbers not in use (a stopping worker keeps its
+        number until it is reaped)."""
+        out: List[int] = []
+        n = 0
+        while len(out) < count:
+            n += 1
+            if n not in self.workers:
+                out.append(n)
+        return out
 
     def all_ready(self) -> bool:
-        """Every wanted worker is up and accepting."""
-        return not self.missing_numbers() and all(w.ready for n, w in self.workers.items() if n <= self.target)
+        """At least the floor's worth of workers are up and accepting (a dynamic pool
+        may still be growing)."""
+        return sum(1 for w in self.active() if w.ready) >= min(self.floor, self.target)
 
     def record_exit(self, lifetime: float, clean: bool, reason: str, now: float) -> Optional[float]:
         """Update crash-loop accounting for a worker that exited after *lifetime* seconds.
@@ -123,12 +200,50 @@ class Pool:
         return delay
 
     def resize(self, delta: int, logger: Logger) -> None:
-        """Move the target by *delta* within 1..:data:`~preforkd.config.MAX_WORKERS`
-        (``pool.resized``); :meth:`Workers.maintain` then spawns or retires."""
+        """TTIN/TTOU: move the floor by *delta* within 1..:data:`~preforkd.config.MAX_WORKERS`
+        (``pool.resized``); a fixed pool's target follows, a dynamic pool's stays within
+        the new bounds. :meth:`Workers.maintain` then spawns or retires."""
         old = self.target
-        self.target = min(MAX_WORKERS, max(1, self.target + delta))
+        self.floor = min(MAX_WORKERS, max(1, self.floor + delta))
+        self.target = self.floor if not self.config.dynamic else min(max(self.target, self.floor), self.ceiling)
         if self.target != old:
-            logger.info("pool.resized", service=self.name, workers=self.target, previous=old)
+            logger.info("pool.resized", service=self.name, workers=self.target, previous=old,
+                        reason="TTIN" if delta > 0 else "TTOU")
+
+    def adjust(self, census: Census, queued: int, now: float, logger: Logger) -> None:
+        """A dynamic pool's idle-server maintenance (Apache prefork's, done on demand):
+        grow when fewer than ``min_spare_workers`` are idle or starting, or when more
+        connections wait in the accept queue (*queued*) than workers are starting, by
+        what is missing, at most :data:`MAX_SPAWN_BATCH` at once and never above the
+        ceiling; shrink back towards the floor once more than ``max_spare_workers`` have
+        been idle for :data:`SPARE_GRACE` seconds; log ``pool.saturated`` once per
+        episode at the ceiling with no idle worker. *now*: monotonic seconds."""
+        cfg = self.config
+        coming = census.starting + max(0, self.target - census.total)  # forked or about to be
+        want = max(cfg.min_spare_workers - census.idle - coming, queued - coming, 0)
+        if want and self.target < self.ceiling:
+            old = self.target
+            self.target = min(self.ceiling, self.target + min(want, MAX_SPAWN_BATCH))
+            logger.info("pool.resized", service=self.name, workers=self.target, previous=old,
+                        reason=f"{census.idle} idle, {queued} waiting")
+        if self.target >= self.ceiling and census.idle == 0 and census.total >= self.ceiling:
+            if not self.saturated:
+                self.saturated = True
+                logger.warning("pool.saturated", service=self.name, workers=self.ceiling, waiting=queued,
+                               max_workers=cfg.max_workers)
+        elif census.idle:
+            self.saturated = False
+        if census.idle > cfg.max_spare_workers and self.target > self.floor:
+            if self.surplus_since is None:
+                self.surplus_since = now
+            elif now - self.surplus_since >= SPARE_GRACE:
+                old = self.target
+                self.target = max(self.floor, self.target - (census.idle - cfg.max_spare_workers))
+                self.surplus_since = None
+                logger.info("pool.resized", service=self.name, workers=self.target, previous=old,
+                            reason=f"{census.idle} idle for {SPARE_GRACE:g} s")
+        else:
+            self.surplus_since = None
 
     def settle(self, now: float) -> None:
         """Forget past quick failures once a worker has been up :data:`MIN_UPTIME`."""
@@ -161,7 +276,7 @@ class Workers:
         self.alive_r = self.alive_w = self.ready_r = self.ready_w = -1
 
     def open_pipes(self, selector: selectors.BaseSelector, alive: Optional[Tuple[int, int]], generation: int,
-                   log: EventLog, credentials: Credentials) -> None:
+                   log: EventLog, credentials: Credentials, event_loop: str) -> None:
         """The master's two pipes to its workers: the master-alive pipe (only the master
         holds the write end, so end of file tells a worker the master is gone; *alive* is
         the inherited pair after a re-exec), and the ready pipe on which each worker
@@ -176,7 +291,8 @@ class Workers:
         os.set_blocking(self.ready_r, False)
         selector.register(self.ready_r, selectors.EVENT_READ, self._on_ready)
         self.env = WorkerEnv(generation=generation, alive_fd=self.alive_r, ready_fd=self.ready_w, log=log,
-                             master_pid=os.getpid(), graceful_timeout=self.graceful_timeout, credentials=credentials)
+                             master_pid=os.getpid(), graceful_timeout=self.graceful_timeout, credentials=credentials,
+                             event_loop=event_loop)
 
     def _on_ready(self, _mask: int) -> None:
         try:
@@ -205,7 +321,8 @@ class Workers:
             self.logger.error("worker.spawn_failed", service=pool.name, error=str(exc))
             return
         spec = WorkerSpec(env=self.env, service=pool.config, listeners=[lst.sock for lst in pool.listeners],
-                          handler=pool.handler, number=number, cells=self.scoreboard.cells(slot))
+                          handler=pool.handler, number=number, cells=self.scoreboard.cells(slot),
+                          idle_sem=pool.idle_sem, pool_cells=pool.cells)
         gc.freeze()  # keep the master's heap out of the collector's way: pages stay shared
         try:
             pid = os.fork()
@@ -284,21 +401,44 @@ class Workers:
                           graceful=graceful, reason=reason)
 
     def maintain(self, pool: Pool, now: float) -> None:
-        """Retire *pool*'s workers above its target; spawn missing ones (one at a time,
-        spaced by the back-off delay, while the pool is in a crash loop). *now*:
-        monotonic seconds."""
-        for w in pool.surplus():
-            self.stop(w, graceful=True, reason="pool shrunk")
-        pool.settle(now)
-        missing = pool.missing_numbers()
-        if not missing or now < pool.next_spawn_at:
+        """Size *pool*: a dynamic pool first adjusts its target to its spare workers and
+        accept queue (:meth:`Pool.adjust`); then workers above the target are retired
+        gracefully (idle ones first, highest-numbered first) and missing ones spawned
+        (one at a time, spaced by the back-off delay, while the pool is in a crash loop).
+        *now*: monotonic seconds."""
+        if pool.config.dynamic and pool.cells is not None:
+            census = pool.census(self.scoreboard)
+            queued = sum(queue_length(lst.sock) or 0 for lst in pool.listeners)
+            pool.adjust(census, queued, now, self.logger)
+            _resync(pool.idle_sem, census.idle)
+            pool.cells[ARMED] = int(pool.target < pool.ceiling)
+        active = pool.active()
+        if len(active) > pool.target:
+            for w in self._retirees(active, len(active) - pool.target):
+                self.stop(w, graceful=True, reason="pool shrunk")
             return
+        pool.settle(now)
+        missing = pool.target - len(active)
+        if missing <= 0 or now < pool.next_spawn_at:
+            return
+        numbers = pool.free_numbers(missing)
         if pool.failures:
-            self.spawn(pool, missing[0])
+            self.spawn(pool, numbers[0])
             pool.next_spawn_at = now + backoff_delay(pool.failures)
         else:
-            for number in missing:
+            for number in numbers:
                 self.spawn(pool, number)
+
+    def _retirees(self, active: List[WorkerInfo], count: int) -> List[WorkerInfo]:
+        """The *count* workers to retire: idle ones first, then starting, then busy; the
+        highest-numbered first within each."""
+        rank: Dict[int, int] = {State.IDLE: 0, State.STARTING: 1, State.BUSY: 2}
+
+        def order(w: WorkerInfo) -> Tuple[int, int]:
+            state = self.scoreboard.state_code(w.slot) if w.ready else State.STARTING
+            return rank.get(state, 1), -w.number
+
+        return sorted(active, key=order)[:count]
 
     def kill_overdue(self, now: float) -> None:
         """SIGKILL workers that overran their stop timeout (*now*: monotonic seconds)."""
@@ -312,3 +452,14 @@ class Workers:
     def deadlines(self) -> List[float]:
         """The monotonic times at which :meth:`kill_overdue` has work."""
         return [w.kill_at for w in self.all() if w.kill_at is not None]
+
+
+def _resync(sem: Any, idle: int) -> None:
+    """Bring the idle semaphore back to the scoreboard's count (a worker killed while
+    idle never took its count back). Racing workers may leave it off by one until the
+    next call; it only decides when a worker wakes the master."""
+    diff = idle - sem.get_value()
+    for _ in range(diff):
+        sem.release()
+    for _ in range(-diff):
+        sem.acquire(False)

@@ -27,7 +27,7 @@ from typing import Any, Callable, List, NoReturn, Optional, Tuple
 
 from .config import ServiceConfig
 from .handler import Close, Handler, HandlerKind, LineHandler, Reply
-from .listeners import set_timeouts
+from .listeners import set_recv_timeout, set_timeouts
 from .log import Logger
 
 RECV_SIZE = 65536
@@ -63,6 +63,14 @@ class IdleTimeout(ProtocolError):
 
     event = "connection.idle_timeout"
     reply = "ERROR idle timeout"
+
+
+class LineTimeout(ProtocolError):
+    """A line did not arrive whole within ``line_timeout`` seconds of its first byte
+    (a slow trickle; Apache's mod_reqtimeout guards the same)."""
+
+    event = "connection.line_timeout"
+    reply = "ERROR line timeout"
 
 
 def encode_reply(reply: Reply) -> Tuple[bytes, bool]:
@@ -102,20 +110,25 @@ class Connection:
     Attributes: ``sock`` (the connected socket, blocking, with the idle timeout
     set), ``addr`` (the client's address as ``accept()`` returned it), ``peer``
     (the same as text), ``service`` (the service name), ``max_line_length``
-    (bytes) and ``idle_timeout`` (seconds).
+    (bytes), ``idle_timeout`` and ``line_timeout`` (seconds).
     """
 
-    __slots__ = ("_buf", "_eof", "_pos", "addr", "idle_timeout", "max_line_length", "service", "sock")
+    __slots__ = ("_buf", "_eof", "_line_started", "_pos", "_short_timeout", "addr", "idle_timeout",
+                 "line_timeout", "max_line_length", "service", "sock")
 
-    def __init__(self, sock: socket.socket, addr: Any, service: str, max_line_length: int, idle_timeout: float) -> None:
+    def __init__(self, sock: socket.socket, addr: Any, service: str, max_line_length: int, idle_timeout: float,
+                 line_timeout: float = 60.0) -> None:
         self.sock = sock
         self.addr = addr
         self.service = service
         self.max_line_length = max_line_length
         self.idle_timeout = idle_timeout
+        self.line_timeout = line_timeout
         self._buf = b""
         self._pos = 0
         self._eof = False
+        self._line_started = 0.0  # monotonic seconds: first byte of the partial line in hand; 0 = none
+        self._short_timeout = False  # SO_RCVTIMEO is below idle_timeout (a partial line's deadline)
 
     @property
     def peer(self) -> str:
@@ -124,18 +137,43 @@ class Connection:
             return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
         return "unix"
 
-    def _recv(self) -> bytes:
+    def recv(self, partial: bool) -> bytes:
+        """One ``recv`` under the idle timeout; with a *partial* line in hand, under what
+        is left of its ``line_timeout`` when that is shorter (an extra ``setsockopt``
+        only then, so whole lines cost nothing).
+
+        :raises IdleTimeout: nothing arrived for ``idle_timeout`` seconds.
+        :raises LineTimeout: the partial line's ``line_timeout`` ran out.
+        :raises ConnectionError: the client reset the connection.
+        """
+        sock = self.sock
+        if partial:
+            now = time.monotonic()
+            if not self._line_started:
+                self._line_started = now
+            left = self._line_started + self.line_timeout - now
+            if left <= 0:
+                raise LineTimeout(f"no whole line within {self.line_timeout:g} s")
+            if left < self.idle_timeout:
+                set_recv_timeout(sock, left)
+                self._short_timeout = True
+        else:
+            self._line_started = 0.0
+            if self._short_timeout:
+                set_recv_timeout(sock, self.idle_timeout)
+                self._short_timeout = False
         try:
-            return self.sock.recv(RECV_SIZE)
+            return sock.recv(RECV_SIZE)
         except (TimeoutError, BlockingIOError):
+            if self._short_timeout:
+                raise LineTimeout(f"no whole line within {self.line_timeout:g} s") from None
             raise IdleTimeout(f"no input for {self.idle_timeout:g} s") from None
 
     def readline_bytes(self) -> Optional[bytes]:
         """The next input line as bytes without its terminator, or ``None`` at end of input.
 
         :raises LineTooLong: the line exceeds ``max_line_length`` bytes.
-        :raises IdleTimeout: nothing arrived for ``idle_timeout`` seconds.
-        :raises ConnectionError: the client reset the connection.
+        :raises IdleTimeout, LineTimeout, ConnectionError: see :meth:`recv`.
         """
         limit = self.max_line_length
         while True:
@@ -154,7 +192,7 @@ class Connection:
                 return None
             if len(buf) - pos > limit + 1:
                 raise LineTooLong(limit)
-            data = self._recv()
+            data = self.recv(partial=pos < len(buf))
             if not data:
                 self._eof = True
                 continue
@@ -204,15 +242,11 @@ class Connection:
 def serve_line_function(conn: Connection, handle: Callable[[str], Reply]) -> None:
     """Serve a line-function handler: every complete line in a ``recv`` is handled
     and the replies go out in one ``send`` (one recv and one send per batch)."""
-    sock = conn.sock
-    recv = sock.recv
+    recv = conn.recv
     limit = conn.max_line_length
     pending = b""
     while True:
-        try:
-            data = recv(RECV_SIZE)
-        except (TimeoutError, BlockingIOError):
-            raise IdleTimeout(f"no input for {conn.idle_timeout:g} s") from None
+        data = recv(bool(pending))
         if not data:
             if pending:  # a last line without terminator
                 data, pending = pending + b"\n", b""
@@ -330,12 +364,12 @@ def connection_server(handler: Handler, service: ServiceConfig, logger: Logger,
         so it is set on each.
     """
     call = _caller(handler)
-    name, limit, idle = service.name, service.max_line_length, service.idle_timeout
+    name, limit, idle, line = service.name, service.max_line_length, service.idle_timeout, service.line_timeout
 
     def serve_socket(sock: socket.socket, addr: Any) -> None:
         if unix:
             set_timeouts(sock, idle)
-        serve(Connection(sock, addr, name, limit, idle), call, logger)
+        serve(Connection(sock, addr, name, limit, idle, line), call, logger)
 
     return serve_socket
 

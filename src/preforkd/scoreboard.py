@@ -20,9 +20,12 @@ from typing import List, Optional
 #: Cells (unsigned 64-bit) per slot: 64 bytes, one cache line, so that two workers never
 #: write to the same line. Unused cells are room for later counters.
 CELLS = 8
-#: Cell indexes within a slot.
+#: Cell indexes within a worker's slot.
 STATE = 0   # a :class:`State`
 SERVED = 1  # connections served by this worker since it started
+ACTIVE = 2  # connections it holds now (0 or 1, up to worker_connections when event-driven)
+#: Cell indexes within a dynamic pool's own slot.
+ARMED = 0   # 1: a worker that finds the pool short of spare workers wakes the master (and clears it)
 
 #: Slots in all, old generations included (a pool has at most
 #: :data:`preforkd.config.MAX_WORKERS` workers).
@@ -30,11 +33,13 @@ SLOTS = 4096
 
 
 class State(enum.IntEnum):
-    """What a worker is doing, as it writes it to ``cells[STATE]``."""
+    """What a worker is doing, as it writes it to ``cells[STATE]``. An event-driven
+    worker is IDLE while it can take another connection and BUSY at its
+    ``worker_connections``."""
 
     STARTING = 0  # forked, not yet accepting (the master's zeroing of the slot)
-    IDLE = 1      # waiting for a connection
-    BUSY = 2      # serving one
+    IDLE = 1      # can take a connection
+    BUSY = 2      # cannot: serving one (or its maximum)
     STOPPING = 3  # leaving its loop
 
 
@@ -92,6 +97,14 @@ class Scoreboard:
             return State(self._cells[slot * CELLS + STATE]).name.lower()
         except ValueError:
             return "unknown"
+
+    def state_code(self, slot: int) -> int:
+        """The slot's raw state (compare with :class:`State`)."""
+        return int(self._cells[slot * CELLS + STATE])
+
+    def active(self, slot: int) -> int:
+        """Connections the slot's worker holds now."""
+        return int(self._cells[slot * CELLS + ACTIVE])
 
     def served(self, slot: int) -> int:
         """Connections served by the slot's worker."""

@@ -26,11 +26,17 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
     for pool in pools.values():
         workers = [_worker(w, scoreboard) for _, w in sorted(pool.workers.items())]
         workers += [_worker(w, scoreboard) for w in old if w.service == pool.name]
+        census = pool.census(scoreboard)
         services.append({
             "name": pool.name,
             "handler": pool.config.handler or None,
             "command": list(pool.config.command) or None,
             "workers_target": pool.target,
+            "pool": {"busy": census.busy, "idle": census.idle, "starting": census.starting,
+                     "current": census.total, "target": pool.target, "min": pool.floor, "max": pool.ceiling,
+                     "dynamic": pool.config.dynamic, "saturated": pool.saturated,
+                     "worker_connections": pool.config.worker_connections,
+                     "connections": sum(scoreboard.active(w.slot) for w in pool.workers.values())},
             "listeners": [{"configured": str(lst.address), "address": lst.bound, "origin": lst.origin}
                           for lst in pool.listeners],
             "backoff": {"failures": pool.failures, "last_failure": pool.last_failure} if pool.failures else None,
@@ -53,7 +59,7 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
 def _worker(w: WorkerInfo, scoreboard: Scoreboard) -> Dict[str, Any]:
     state = "stopping" if w.stopping else (scoreboard.state(w.slot) if w.ready else "starting")
     out: Dict[str, Any] = {"pid": w.pid, "number": w.number, "generation": w.generation, "state": state,
-                           "connections": scoreboard.served(w.slot),
+                           "connections": scoreboard.served(w.slot), "active": scoreboard.active(w.slot),
                            "uptime": round(time.monotonic() - w.started, 3)}
     import psutil  # only status needs it; keeps the re-exec'd image's start-up short
 
@@ -92,7 +98,12 @@ def render(st: Mapping[str, Any]) -> str:
         lines.append(f"  last reload failed: {rel.get('error')}")
     for svc in st["services"]:
         what = svc["handler"] or " ".join(svc["command"] or [])
-        lines.append(f"  service {svc['name']} ({what}), {svc['workers_target']} workers")
+        p = svc.get("pool") or {}
+        size = f"{p.get('current', 0)} of {p['min']}..{p['max']}" if p.get("dynamic") else str(p.get("current", 0))
+        per = f", up to {p['worker_connections']} connections each" if p.get("worker_connections", 1) > 1 else ""
+        lines.append(f"  service {svc['name']} ({what}): workers {size} ({p.get('busy', 0)} busy, "
+                     f"{p.get('idle', 0)} idle{', saturated' if p.get('saturated') else ''}){per}, "
+                     f"{p.get('connections', 0)} connections open")
         for lst in svc["listeners"]:
             lines.append(f"    listen {lst['address']}")
         if svc.get("backoff"):
@@ -102,7 +113,8 @@ def render(st: Mapping[str, Any]) -> str:
             rss = f"{w['rss'] / 1048576:.1f} MiB" if w.get("rss") else "?"
             cpu = f"{w['cpu']:.2f} s" if w.get("cpu") is not None else "?"
             lines.append(f"    worker #{w['number']:<3} pid {w['pid']:<7} gen {w['generation']:<3} "
-                         f"{w['state']:<9} served {w['connections']:<7} rss {rss:<10} cpu {cpu}")
+                         f"{w['state']:<9} open {w.get('active', 0):<5} served {w['connections']:<7} "
+                         f"rss {rss:<10} cpu {cpu}")
     for w in st.get("retiring_workers", []):
         lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
     return "\n".join(lines)

@@ -49,7 +49,7 @@ from .config import Credentials, ServiceConfig
 from .handler import Handler
 from .log import EventLog, Logger
 from .protocol import connection_server
-from .scoreboard import SERVED, STATE, State
+from .scoreboard import ACTIVE, ARMED, SERVED, STATE, State
 from .services import CommandService
 from .signals import WORKER_RESET
 
@@ -73,6 +73,7 @@ class WorkerEnv:
     master_pid: int
     graceful_timeout: float  # seconds
     credentials: Credentials
+    event_loop: str = "auto"  # for event-driven workers: auto | asyncio | uvloop
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,40 @@ class WorkerSpec:
     handler: Optional[Handler]  # None for a command service
     number: int
     cells: memoryview  # this worker's scoreboard slot (preforkd.scoreboard)
+    idle_sem: Any = None  # a dynamic pool's idle-worker semaphore (preforkd.pool.Pool)
+    pool_cells: Optional[memoryview] = None  # a dynamic pool's own scoreboard slot
+
+
+class Spares:
+    """A dynamic pool's count of idle workers, kept by the workers themselves in a
+    process-shared semaphore (sem_overview(7): no system call unless contended), and
+    their way to wake the master at once when the pool runs short of spare workers,
+    instead of at its next one-second check (Apache's idle-server maintenance)."""
+
+    __slots__ = ("_cells", "_min", "_report_fd", "_sem")
+
+    def __init__(self, sem: Any, pool_cells: memoryview, min_spare: int, report_fd: int) -> None:
+        self._sem, self._cells, self._min, self._report_fd = sem, pool_cells, min_spare, report_fd
+
+    def idle(self) -> None:
+        """This worker can take a connection again."""
+        self._sem.release()
+
+    def busy(self) -> None:
+        """This worker just took its last free connection: if that leaves fewer than
+        ``min_spare_workers`` idle and the master asked to hear of it (it clears
+        :data:`~preforkd.scoreboard.ARMED` until it has acted), wake it."""
+        self._sem.acquire(False)
+        if self._cells[ARMED] and self._sem.get_value() < self._min:
+            self._cells[ARMED] = 0
+            try:
+                os.write(self._report_fd, b"+\n")
+            except OSError:
+                pass
+
+    def leave(self) -> None:
+        """This worker exits from idle: take its count back."""
+        self._sem.acquire(False)
 
 
 def run(spec: WorkerSpec) -> NoReturn:
@@ -119,6 +154,8 @@ class Worker:
         self.logger: Logger = spec.env.log.logger()
         self.command = (CommandService(spec.service.command, spec.service.idle_timeout, self.logger)
                         if spec.service.command else None)
+        self.spares = (Spares(spec.idle_sem, spec.pool_cells, spec.service.min_spare_workers, spec.env.ready_fd)
+                       if spec.idle_sem is not None and spec.pool_cells is not None else None)
         self.wake_r = -1
 
     def stop_requested(self) -> bool:
@@ -140,17 +177,24 @@ class Worker:
         _set_pdeathsig(signal.SIGTERM)
         if os.getppid() != env.master_pid:
             return 0  # the master died before we could ask to be told
-        self._install_signals()
+        self._install_signals(event_driven=self.service.event_driven)
         if spec.handler is not None:
             try:
                 spec.handler.worker_init()
             except Exception as exc:
                 self.logger.error("worker.init_failed", error=f"{type(exc).__name__}: {exc}", exc_info=True)
                 return EXIT_INIT_FAILED
-        poller, servers = self._prepare_poll()
-        self._announce_ready()
-        code = self._serve(poller, servers)
-        spec.cells[STATE] = State.STOPPING
+        if self.service.event_driven:
+            from .aioworker import EventServer
+
+            code = EventServer(self).run()
+        else:
+            poller, servers = self._prepare_poll()
+            self.announce_ready()
+            code = self._serve(poller, servers)
+            spec.cells[STATE] = State.STOPPING
+        if self.spares is not None:
+            self.spares.leave()
         return code
 
     def _reset_signals(self) -> None:
@@ -159,18 +203,21 @@ class Worker:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
-    def _install_signals(self) -> None:
-        """Handlers only set flags (and, when busy, stop listening); a wakeup pipe
-        interrupts ``epoll_wait``."""
-        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self.on_term)
+    def _install_signals(self, event_driven: bool) -> None:
+        """INT, QUIT and ALRM act at once, even while a handler runs; the rest only set
+        flags, and a wakeup pipe interrupts ``epoll_wait`` (an event-driven worker's loop
+        installs its own TERM and USR1 handlers and wakeup fd)."""
         signal.signal(signal.SIGINT, self.on_quit)
         signal.signal(signal.SIGQUIT, self.on_quit)
-        signal.signal(signal.SIGUSR1, self.on_usr1)
         signal.signal(signal.SIGALRM, self.on_alarm)
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
+        if event_driven:
+            return
+        self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self.on_term)
+        signal.signal(signal.SIGUSR1, self.on_usr1)
 
     def _prepare_poll(self) -> Tuple[select.epoll, Dict[int, Tuple[socket.socket, ServeOne]]]:
         """An epoll set of the listeners (``EPOLLEXCLUSIVE``), the master-alive pipe and
@@ -193,13 +240,16 @@ class Worker:
         poller.register(self.wake_r, select.EPOLLIN)
         return poller, servers
 
-    def _announce_ready(self) -> None:
+    def announce_ready(self) -> None:
+        """Tell the master we accept (our pid on the report pipe, which stays open for
+        :class:`Spares`)."""
         self.spec.cells[STATE] = State.IDLE
+        if self.spares is not None:
+            self.spares.idle()
         try:
             os.write(self.env.ready_fd, f"{os.getpid()}\n".encode())
         except OSError:
             pass
-        os.close(self.env.ready_fd)
 
     def _serve(self, poller: select.epoll,
                servers: Dict[int, Tuple[socket.socket, ServeOne]]) -> int:
@@ -207,6 +257,7 @@ class Worker:
         cells = self.spec.cells
         alive_fd = self.env.alive_fd
         max_requests = self.service.max_requests
+        spares = self.spares
         served = 0
         poll = poller.poll
         while not self.stop_requested():
@@ -239,6 +290,9 @@ class Worker:
                     if self.stop_requested():
                         self._stop_listening()
                     cells[STATE] = State.BUSY
+                    cells[ACTIVE] = 1
+                    if spares is not None:
+                        spares.busy()
                     try:
                         serve_one(conn, addr)
                     finally:
@@ -246,13 +300,20 @@ class Worker:
                         self.busy = False
                         served += 1
                         cells[SERVED] = served
+                        cells[ACTIVE] = 0
                         cells[STATE] = State.IDLE
+                        if spares is not None:
+                            spares.idle()
                     if max_requests and served >= max_requests:
                         self.logger.info("worker.max_requests", served=served)
                         return 0
                     if self.stop_requested() or self.reopen_log:
                         break
         return 0
+
+    def reopen_now(self) -> None:
+        """Reopen the log file (an event-driven worker's USR1)."""
+        self._reopen_log()
 
     def _reopen_log(self) -> None:
         self.reopen_log = False
