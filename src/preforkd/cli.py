@@ -1,4 +1,4 @@
-"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,check}``.
+"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,top,check}``.
 
 Exit statuses: 0 success; 1 failure (one line on stderr says why); ``status``
 returns 3 when the supervisor is not running (LSB init-script convention).
@@ -40,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
     sp = sub.add_parser("status", parents=[common], help="show the master, services and workers")
     sp.add_argument("--json", action="store_true", help="print the status document as JSON")
+    sp = sub.add_parser("top", parents=[common], help="per-service totals, refreshed every second until Ctrl-C")
+    sp.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
+    sp.add_argument("--iterations", type=int, default=0, metavar="N",
+                    help="stop after N refreshes (default: until Ctrl-C)")
     sub.add_parser("check", parents=[common], help="validate the configuration and exit")
     return p
 
@@ -67,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if command in ("run", "start", "check", "reload"):
             handlers = load_handlers(config)
     except ConfigError as exc:
-        fallback = runtime_only_config(path) if command in ("status", "stop") else None
+        fallback = runtime_only_config(path) if command in ("status", "stop", "top") else None
         if fallback is None:
             print(f"preforkd: {exc}", file=sys.stderr)
             return EXIT_FAIL
@@ -76,7 +80,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"preforkd: warning: {exc}", file=sys.stderr)
         config = fallback
     action = {"run": _run, "start": _start, "stop": _stop, "reload": _reload, "status": _status,
-              "check": _check}[command]
+              "check": _check, "top": _top}[command]
     try:
         return action(Invocation(config, handlers, config_arg, args))
     except KeyboardInterrupt:
@@ -248,6 +252,12 @@ def _status(inv: Invocation) -> int:
     else:
         print(render(st))
     return EXIT_OK
+
+
+def _top(inv: Invocation) -> int:
+    from .top import run
+
+    return run(inv.config.supervisor.control_socket, max(0.1, inv.args.interval), max(0, inv.args.iterations))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -119,8 +119,12 @@ def render(st: Mapping[str, Any]) -> str:
         lines.append(f"  service {svc['name']} ({what}): workers {size} ({p.get('busy', 0)} busy, "
                      f"{p.get('idle', 0)} idle{', saturated' if p.get('saturated') else ''}){per}, "
                      f"{p.get('connections', 0)} connections open")
+        lines.append(f"    totals: {svc.get('connections_total', 0)} connections served, {p.get('busy', 0)} busy / "
+                     f"{p.get('idle', 0)} idle / {p.get('max', 0)} max workers, listen queue "
+                     f"{svc.get('listen_queue', 0)}")
         for lst in svc["listeners"]:
-            lines.append(f"    listen {lst['address']}")
+            queue = f" (queue {lst['queue']} of {lst['queue_limit']})" if lst.get("queue") is not None else ""
+            lines.append(f"    listen {lst['address']}{queue}")
         if svc.get("backoff"):
             lines.append(f"    back-off after {svc['backoff']['failures']} quick failures: "
                          f"{svc['backoff']['last_failure']}")
@@ -132,4 +136,6 @@ def render(st: Mapping[str, Any]) -> str:
                          f"rss {rss:<10} cpu {cpu}")
     for w in st.get("retiring_workers", []):
         lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
+    for ep in st.get("endpoints", []):
+        lines.append(f"  {ep['role']} endpoint {ep['address']}")
     return "\n".join(lines)
