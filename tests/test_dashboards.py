@@ -65,7 +65,7 @@ def test_dashboard_is_a_grafana_dashboard():
     assert {"datasource", "job", "instance", "service"} <= names
     for p in dash["panels"]:
         g = p["gridPos"]
-        assert 0 <= g["x"] and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24 and g["h"] > 0, p["title"]
         if p["type"] == "row":
             continue
         assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
@@ -95,7 +95,8 @@ def test_dashboard_and_rules_use_only_metrics_a_real_scrape_serves(supervisor):
                 "preforkd_reloads_total", "preforkd_generation", "preforkd_listen_queue"}
     assert contract <= used_by_dashboard, contract - used_by_dashboard
     alerts = set(re.findall(r"^\s*- alert: (\w+)", RULES.read_text(), re.M))
-    assert {"PreforkdPoolSaturated", "PreforkdCrashLoop", "PreforkdReloadFailed", "PreforkdListenQueueGrowing"} <= alerts
+    wanted = {"PreforkdPoolSaturated", "PreforkdCrashLoop", "PreforkdReloadFailed", "PreforkdListenQueueGrowing"}
+    assert wanted <= alerts, wanted - alerts
 
 
 def _promtool_or_skip() -> str:
