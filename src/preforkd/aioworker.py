@@ -201,6 +201,8 @@ class EventServer:
         self.call_line = _line_caller(self.handler.kind, self.handler.target)
         #: [log] access: connections that count what they do and log connection.closed
         self.connection_class = CountingLineConnection if worker.env.access_log else LineConnection
+        #: writes connection.closed (used by CountingLineConnection only)
+        self.log_closed: Callable[..., None] = self.logger.hot("connection.closed")
 
     # -- life ---------------------------------------------------------------------------
 
@@ -709,10 +711,9 @@ class CountingLineConnection(LineConnection):
         if exc is not None and not self._closing and isinstance(exc, OSError):
             self.reason = self.reason or "reset"
         super().connection_lost(exc)
-        self.server.logger.info("connection.closed", peer=self.peer,
-                                duration_ms=round((self.server.loop.time() - self._opened_at) * 1000, 3),
-                                lines=self.lines, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                                reason=self.reason or "client_closed")
+        self.server.log_closed(peer=self.peer, duration_ms=round((self.server.loop.time() - self._opened_at) * 1000, 3),
+                               lines=self.lines, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                               reason=self.reason or "client_closed")
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closing:

@@ -440,6 +440,7 @@ def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, 
     if access:
         counted_call = _caller(handler, counted=True)
         monotonic = time.monotonic
+        log_closed = logger.hot("connection.closed")
 
         def serve_logged(sock: socket.socket, addr: Any) -> str:
             started = monotonic()
@@ -447,8 +448,8 @@ def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, 
                 set_timeouts(sock, idle)
             conn = CountingConnection(sock, addr, name, limit, idle, line)
             reason = serve(conn, counted_call, logger, cells)
-            logger.info("connection.closed", peer=conn.peer, duration_ms=round((monotonic() - started) * 1000, 3),
-                        lines=conn.lines, bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, reason=reason)
+            log_closed(peer=conn.peer, duration_ms=round((monotonic() - started) * 1000, 3), lines=conn.lines,
+                       bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, reason=reason)
             return reason
 
         return serve_logged

@@ -136,13 +136,14 @@ def logged_command(command: CommandService, logger: Logger) -> Callable[[socket.
     The program owns the socket, so lines are not known (``null``) and the byte counts
     come from the kernel's ``TCP_INFO`` (:func:`preforkd.listeners.tcp_byte_counts`;
     ``null`` for a Unix-domain client). ``duration_ms``: monotonic clock."""
+    log_closed = logger.hot("connection.closed")
+
     def serve_logged(sock: socket.socket, peer_addr: Any) -> str:
         started = time.monotonic()
         reason = command(sock, peer_addr)
         counts = tcp_byte_counts(sock)
-        logger.info("connection.closed", peer=peer_text(peer_addr),
-                    duration_ms=round((time.monotonic() - started) * 1000, 3), lines=None,
-                    bytes_in=counts[0] if counts else None, bytes_out=counts[1] if counts else None, reason=reason)
+        log_closed(peer=peer_text(peer_addr), duration_ms=round((time.monotonic() - started) * 1000, 3), lines=None,
+                   bytes_in=counts[0] if counts else None, bytes_out=counts[1] if counts else None, reason=reason)
         return reason
 
     return serve_logged
