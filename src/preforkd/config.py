@@ -250,8 +250,11 @@ SERVICE_KEYS = (
     "max_workers", "min_spare_workers", "max_spare_workers", "worker_connections", "line_timeout",
 )
 
+#: The built-in default: echo on 127.0.0.1:7000, a dynamic pool of 4 to 64 workers (so
+#: that a few clients holding connections open never lock out the next one).
 BUILTIN_DEFAULT: Dict[str, Any] = {
-    "service": [{"name": "echo", "listen": ["tcp://127.0.0.1:7000"], "handler": DEFAULT_HANDLER}],
+    "service": [{"name": "echo", "listen": ["tcp://127.0.0.1:7000"], "handler": DEFAULT_HANDLER,
+                 "workers": 4, "max_workers": 64}],
 }
 
 
