@@ -98,10 +98,37 @@ def _check(inv: Invocation) -> int:
     config = inv.config
     listeners = sum(len(s.listen) for s in config.services)
     workers = sum(s.workers for s in config.services)
-    if os.environ.pop(VERSION_PROBE_ENV, None):  # a reloading master asks what this code reads
+    if os.environ.pop(VERSION_PROBE_ENV, None):  # a reloading master's check of the new code
         print(f"handover-version {Handover.VERSION}")
+        failure = _try_worker_init(inv)
+        if failure:
+            print(f"preforkd: {failure}", file=sys.stderr)
+            return EXIT_FAIL
     print(f"{config.source}: OK ({len(config.services)} services, {listeners} listeners, {workers} workers)")
     return EXIT_OK
+
+
+def _try_worker_init(inv: Invocation) -> Optional[str]:
+    """Run every service's ``worker_init`` as a worker would (privileges dropped first),
+    so that a reload into code whose workers cannot start is refused before the master
+    commits to ``execve``. Returns the first failure as one line, or ``None``."""
+    from .config import credentials
+    from .worker import drop_privileges
+
+    try:
+        drop_privileges(credentials(inv.config))
+    except (OSError, KeyError) as exc:
+        return f"{inv.config.source}: supervisor.user: cannot become the workers' user: {exc}"
+    for index, svc in enumerate(inv.config.services):
+        handler = inv.handlers.get(svc.name)
+        if handler is None:
+            continue
+        try:
+            handler.worker_init()
+        except Exception as exc:  # noqa: BLE001 - any failure is the reason the reload fails
+            first = " ".join(str(exc).split())
+            return f"{inv.config.source}: service[{index}].handler: worker_init failed: {type(exc).__name__}: {first}"
+    return None
 
 
 def _run(inv: Invocation) -> int:

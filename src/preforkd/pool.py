@@ -64,6 +64,7 @@ class WorkerInfo:
     ready: bool = False
     stopping: bool = False
     kill_at: Optional[float] = None
+    stack_fd: int = -1  # memfd the worker's faulthandler writes its stack to (SIGUSR2); -1 = none
 
     def handover(self) -> InheritedWorker:
         """This worker as the next image of the master will take it over."""
@@ -320,20 +321,24 @@ class Workers:
             pool.next_spawn_at = time.monotonic() + 1.0
             self.logger.error("worker.spawn_failed", service=pool.name, error=str(exc))
             return
+        stack_fd = os.memfd_create("preforkd-stack", os.MFD_CLOEXEC) if pool.config.timeout else -1
         spec = WorkerSpec(env=self.env, service=pool.config, listeners=[lst.sock for lst in pool.listeners],
                           handler=pool.handler, number=number, cells=self.scoreboard.cells(slot),
-                          idle_sem=pool.idle_sem, pool_cells=pool.cells)
+                          idle_sem=pool.idle_sem, pool_cells=pool.cells, stack_fd=stack_fd)
         gc.freeze()  # keep the master's heap out of the collector's way: pages stay shared
         try:
             pid = os.fork()
         except OSError as exc:
             self.scoreboard.release(slot)
+            if stack_fd >= 0:
+                os.close(stack_fd)
             delay = pool.record_exit(0.0, False, f"fork failed: {exc.strerror}", time.monotonic())
             self.logger.error("worker.spawn_failed", service=pool.name, error=exc.strerror, delay=delay)
             return
         if pid == 0:
             run_worker(spec)  # never returns
-        info = WorkerInfo(pid=pid, service=pool.name, number=number, generation=self.env.generation, slot=slot)
+        info = WorkerInfo(pid=pid, service=pool.name, number=number, generation=self.env.generation, slot=slot,
+                          stack_fd=stack_fd)
         pool.workers[number] = info
         self.current[pid] = info
         self.logger.info("worker.spawned", service=pool.name, worker=number, child=pid)
@@ -350,6 +355,8 @@ class Workers:
         info = self.current.pop(pid, None) or self.old.pop(pid, None)
         if info is not None:
             self.scoreboard.release(info.slot)
+            if info.stack_fd >= 0:
+                os.close(info.stack_fd)
         return info
 
     def exited(self, pid: int, wstatus: int, pools: Dict[str, Pool], everyone_stopping: bool) -> Optional[Pool]:

@@ -29,6 +29,7 @@ from .config import ServiceConfig
 from .handler import Close, Handler, HandlerKind, LineHandler, Reply
 from .listeners import set_recv_timeout, set_timeouts
 from .log import Logger
+from .scoreboard import CALL_SINCE, HEARTBEAT
 
 RECV_SIZE = 65536
 CRLF = b"\r\n"
@@ -113,11 +114,11 @@ class Connection:
     (bytes), ``idle_timeout`` and ``line_timeout`` (seconds).
     """
 
-    __slots__ = ("_buf", "_eof", "_line_started", "_pos", "_short_timeout", "addr", "idle_timeout",
+    __slots__ = ("_buf", "_cells", "_eof", "_line_started", "_pos", "_short_timeout", "addr", "idle_timeout",
                  "line_timeout", "max_line_length", "service", "sock")
 
     def __init__(self, sock: socket.socket, addr: Any, service: str, max_line_length: int, idle_timeout: float,
-                 line_timeout: float = 60.0) -> None:
+                 line_timeout: float = 60.0, cells: Optional[memoryview] = None) -> None:
         self.sock = sock
         self.addr = addr
         self.service = service
@@ -129,6 +130,9 @@ class Connection:
         self._eof = False
         self._line_started = 0.0  # monotonic seconds: first byte of the partial line in hand; 0 = none
         self._short_timeout = False  # SO_RCVTIMEO is below idle_timeout (a partial line's deadline)
+        #: The worker's scoreboard slot: client I/O clears its CALL_SINCE (waiting on the
+        #: client is not handler code, which ``timeout`` bounds) and sets it again after.
+        self._cells = cells
 
     @property
     def peer(self) -> str:
@@ -162,8 +166,14 @@ class Connection:
             if self._short_timeout:
                 set_recv_timeout(sock, self.idle_timeout)
                 self._short_timeout = False
+        cells = self._cells
+        if cells is not None:
+            cells[CALL_SINCE] = 0
         try:
-            return sock.recv(RECV_SIZE)
+            data = sock.recv(RECV_SIZE)
+            if cells is not None:
+                cells[HEARTBEAT] = cells[CALL_SINCE] = time.monotonic_ns()
+            return data
         except (TimeoutError, BlockingIOError):
             if self._short_timeout:
                 raise LineTimeout(f"no whole line within {self.line_timeout:g} s") from None
@@ -219,10 +229,15 @@ class Connection:
         :raises ConnectionError: the client went away.
         :raises IdleTimeout: the client stopped reading for ``idle_timeout`` seconds.
         """
+        cells = self._cells
+        if cells is not None:
+            cells[CALL_SINCE] = 0
         try:
             self.sock.sendall(data)
         except (TimeoutError, BlockingIOError):
             raise IdleTimeout("client stopped reading") from None
+        if cells is not None:
+            cells[HEARTBEAT] = cells[CALL_SINCE] = time.monotonic_ns()
 
     def write_line(self, line: str) -> None:
         """Send one line; CRLF is appended."""
@@ -354,14 +369,16 @@ def _caller(handler: Handler) -> Callable[[Connection], None]:
     return target  # type: ignore[no-any-return]  # a @connection_handler takes the connection
 
 
-def connection_server(handler: Handler, service: ServiceConfig, logger: Logger,
-                      unix: bool) -> Callable[[socket.socket, Any], None]:
+def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, unix: bool,
+                      cells: Optional[memoryview] = None) -> Callable[[socket.socket, Any], None]:
     """The function a worker calls with each accepted ``(socket, address)`` of one
     listener: frame lines with *handler* under *service*'s limits, log failures.
 
     :param unix: the listener is a Unix socket: accepted connections did not inherit
         the idle timeout from it (TCP ones do, see :func:`preforkd.listeners.tune`),
         so it is set on each.
+    :param cells: the worker's scoreboard slot, whose ``CALL_SINCE`` the connection
+        keeps (see :class:`Connection`); ``None`` when nobody watches.
     """
     call = _caller(handler)
     name, limit, idle, line = service.name, service.max_line_length, service.idle_timeout, service.line_timeout
@@ -369,7 +386,7 @@ def connection_server(handler: Handler, service: ServiceConfig, logger: Logger,
     def serve_socket(sock: socket.socket, addr: Any) -> None:
         if unix:
             set_timeouts(sock, idle)
-        serve(Connection(sock, addr, name, limit, idle, line), call, logger)
+        serve(Connection(sock, addr, name, limit, idle, line, cells), call, logger)
 
     return serve_socket
 

@@ -24,6 +24,8 @@ CELLS = 8
 STATE = 0   # a :class:`State`
 SERVED = 1  # connections served by this worker since it started
 ACTIVE = 2  # connections it holds now (0 or 1, up to worker_connections when event-driven)
+CALL_SINCE = 3  # CLOCK_MONOTONIC ns since when it runs handler code (not client I/O); 0 = not now
+HEARTBEAT = 4  # CLOCK_MONOTONIC ns of its last sign of life (loop turn, read, accept)
 #: Cell indexes within a dynamic pool's own slot.
 ARMED = 0   # 1: a worker that finds the pool short of spare workers wakes the master (and clears it)
 
@@ -105,6 +107,14 @@ class Scoreboard:
     def active(self, slot: int) -> int:
         """Connections the slot's worker holds now."""
         return int(self._cells[slot * CELLS + ACTIVE])
+
+    def call_since(self, slot: int) -> int:
+        """CLOCK_MONOTONIC nanoseconds since when the worker runs handler code; 0 if not."""
+        return int(self._cells[slot * CELLS + CALL_SINCE])
+
+    def heartbeat(self, slot: int) -> int:
+        """CLOCK_MONOTONIC nanoseconds of the worker's last sign of life."""
+        return int(self._cells[slot * CELLS + HEARTBEAT])
 
     def served(self, slot: int) -> int:
         """Connections served by the slot's worker."""

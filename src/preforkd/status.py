@@ -58,8 +58,10 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
 
 def _worker(w: WorkerInfo, scoreboard: Scoreboard) -> Dict[str, Any]:
     state = "stopping" if w.stopping else (scoreboard.state(w.slot) if w.ready else "starting")
+    call = scoreboard.call_since(w.slot)
     out: Dict[str, Any] = {"pid": w.pid, "number": w.number, "generation": w.generation, "state": state,
                            "connections": scoreboard.served(w.slot), "active": scoreboard.active(w.slot),
+                           "in_call": round((time.monotonic_ns() - call) / 1e9, 3) if call else None,
                            "uptime": round(time.monotonic() - w.started, 3)}
     import psutil  # only status needs it; keeps the re-exec'd image's start-up short
 
@@ -112,9 +114,10 @@ def render(st: Mapping[str, Any]) -> str:
         for w in svc["workers"]:
             rss = f"{w['rss'] / 1048576:.1f} MiB" if w.get("rss") else "?"
             cpu = f"{w['cpu']:.2f} s" if w.get("cpu") is not None else "?"
+            call = f", in handler for {w['in_call']:.1f} s" if w.get("in_call") else ""
             lines.append(f"    worker #{w['number']:<3} pid {w['pid']:<7} gen {w['generation']:<3} "
                          f"{w['state']:<9} open {w.get('active', 0):<5} served {w['connections']:<7} "
-                         f"rss {rss:<10} cpu {cpu}")
+                         f"rss {rss:<10} cpu {cpu}{call}")
     for w in st.get("retiring_workers", []):
         lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
     return "\n".join(lines)
