@@ -38,8 +38,8 @@ from .signals import kill_quietly
 
 #: Seconds between SIGUSR2 (dump your stack) and SIGKILL.
 DUMP_WAIT = 0.2
-#: Seconds between two ``max_rss`` checks (each reads every watched worker's RSS).
-RSS_EVERY = 1.0
+#: Seconds between two checks that read /proc (``max_rss``, a stopped worker).
+SLOW_EVERY = 1.0
 #: Bytes of a stack dump kept for the event.
 STACK_MAX = 32768
 
@@ -52,27 +52,27 @@ class Watchdog:
         self.scoreboard = scoreboard
         self.logger = logger
         self._dumping: Dict[int, Tuple[float, WorkerInfo, str, float]] = {}  # pid -> (due, worker, why, limit)
-        self._next_rss = 0.0  # monotonic seconds
+        self._next_slow = 0.0  # monotonic seconds
 
     def check(self, pools: Mapping[str, Pool], now: float) -> None:
         """Kill what overran its ``timeout`` (in two steps: dump, then kill) and recycle
         what outgrew ``max_rss``. *now*: monotonic seconds."""
         self._finish_dumps(now)
         now_ns = time.monotonic_ns()
-        check_rss = now >= self._next_rss
-        if check_rss:
-            self._next_rss = now + RSS_EVERY
+        slow = now >= self._next_slow  # reading /proc (RSS, a stopped process) once a second at most
+        if slow:
+            self._next_slow = now + SLOW_EVERY
         for pool in pools.values():
             cfg = pool.config
             for w in list(pool.workers.values()):
                 if w.stopping or not w.ready or w.pid in self._dumping:
                     continue
                 if cfg.timeout:
-                    why = self._overdue(w, cfg.timeout, cfg.event_driven, now_ns)
+                    why = self._overdue(w, cfg.timeout, cfg.event_driven, now_ns, slow)
                     if why:
                         self._begin_kill(w, why, cfg.timeout, now)
                         continue
-                if cfg.max_rss and check_rss:
+                if cfg.max_rss and slow:
                     self._check_rss(w, cfg.max_rss)
 
     def deadline(self) -> Optional[float]:
@@ -81,8 +81,8 @@ class Watchdog:
 
     # -- timeout --------------------------------------------------------------------------------
 
-    def _overdue(self, w: WorkerInfo, timeout: float, event_driven: bool, now_ns: int) -> str:
-        """Why *w* is past its timeout, or "" if it is not."""
+    def _overdue(self, w: WorkerInfo, timeout: float, event_driven: bool, now_ns: int, slow: bool) -> str:
+        """Why *w* is past its timeout, or "" if it is not (*slow*: may read /proc)."""
         limit = int(timeout * 1e9)
         since = self.scoreboard.call_since(w.slot)
         if since and now_ns - since > limit:
@@ -91,7 +91,7 @@ class Watchdog:
         if beat and now_ns - beat > limit:
             if event_driven:
                 return f"its event loop has not turned for {(now_ns - beat) / 1e9:.1f} s"
-            if _stopped(w.pid):  # idle or waiting on a client is fine; stopped is not
+            if slow and _stopped(w.pid):  # idle or waiting on a client is fine; stopped is not
                 return "stopped (SIGSTOP)"
         return ""
 
