@@ -31,6 +31,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PREFORKD = [sys.executable, "-m", "preforkd"]
 DEFAULT_TIMEOUT = 30.0
+# The default configuration file of the command line: the tests name theirs.
+os.environ.pop("PREFORKD_CONFIG", None)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02,
@@ -108,17 +110,21 @@ class LogReader:
 class Supervisor:
     """A ``preforkd run`` subprocess with its log, addresses and cleanup."""
 
-    def __init__(self, config: Path, extra_env: Optional[dict] = None, args: Iterable[str] = ()) -> None:
+    def __init__(self, config: Path, extra_env: Optional[dict] = None, args: Iterable[str] = (),
+                 argv: Optional[List[str]] = None, stdout: Any = subprocess.PIPE) -> None:
+        """Start ``preforkd run -c CONFIG ARGS`` (or ``preforkd ARGV``) in the config's
+        directory; *stdout* may be a terminal's file descriptor instead of a pipe."""
         self.config = config
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         env.update(extra_env or {})
-        self.proc = subprocess.Popen(PREFORKD + ["run", "-c", str(config), *args], cwd=config.parent,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        command = argv if argv is not None else ["run", "-c", str(config), *args]
+        self.proc = subprocess.Popen(PREFORKD + command, cwd=config.parent,
+                                     stdin=subprocess.DEVNULL, stdout=stdout,
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.pid = self.proc.pid
         self.log = LogReader(self.proc.stderr)
-        self._out = LogReader(self.proc.stdout)
+        self._out = LogReader(self.proc.stdout) if self.proc.stdout else None
         self.seen_pids: set = {self.pid}
 
     # -- waiting -------------------------------------------------------------

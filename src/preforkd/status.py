@@ -92,7 +92,7 @@ def render(st: Mapping[str, Any]) -> str:
         lines.append(f"  last reload failed: {rel.get('error')}")
     for svc in st["services"]:
         what = svc["handler"] or " ".join(svc["command"] or [])
-        lines.append(f"  service {svc['name']} ({what}), {svc['workers_target']} workers")
+        lines.append(f"  service {svc['name']} ({what}), {plural(svc['workers_target'], 'worker')}")
         for lst in svc["listeners"]:
             lines.append(f"    listen {lst['address']}")
         if svc.get("backoff"):
@@ -106,3 +106,17 @@ def render(st: Mapping[str, Any]) -> str:
     for w in st.get("retiring_workers", []):
         lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
     return "\n".join(lines)
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 worker"``, ``"4 workers"``: *count* and the English noun (regular plurals)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def serving_line(pools: Iterable[Pool]) -> str:
+    """What a person at the terminal is told once every pool accepts, e.g.
+    ``serving echo on tcp://127.0.0.1:7000 (4 workers)``: per service its bound
+    addresses (real ports, for port-0 listeners) and its worker count."""
+    parts = [f"{pool.name} on {', '.join(lst.bound for lst in pool.listeners)} ({plural(pool.target, 'worker')})"
+             for pool in pools]
+    return "serving " + "; ".join(parts)
