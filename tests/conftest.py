@@ -111,15 +111,17 @@ class Supervisor:
     """A ``preforkd run`` subprocess with its log, addresses and cleanup."""
 
     def __init__(self, config: Path, extra_env: Optional[dict] = None, args: Iterable[str] = (),
-                 argv: Optional[List[str]] = None, stdout: Any = subprocess.PIPE) -> None:
+                 argv: Optional[List[str]] = None, stdout: Any = subprocess.PIPE,
+                 program: Optional[List[str]] = None) -> None:
         """Start ``preforkd run -c CONFIG ARGS`` (or ``preforkd ARGV``) in the config's
-        directory; *stdout* may be a terminal's file descriptor instead of a pipe."""
+        directory; *stdout* may be a terminal's file descriptor instead of a pipe;
+        *program* replaces ``python -m preforkd`` (an installed copy)."""
         self.config = config
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         env.update(extra_env or {})
         command = argv if argv is not None else ["run", "-c", str(config), *args]
-        self.proc = subprocess.Popen(PREFORKD + command, cwd=config.parent,
+        self.proc = subprocess.Popen((program or PREFORKD) + command, cwd=config.parent,
                                      stdin=subprocess.DEVNULL, stdout=stdout,
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.pid = self.proc.pid
@@ -209,6 +211,19 @@ class Supervisor:
                     p.kill()
             except (psutil.Error, OSError):
                 pass
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of wheels: preforkd built from this checkout, its dependencies, and
+    setuptools (to build the checkout again offline), for ``pip install --no-index
+    --find-links``. Made once per session with the package index's help."""
+    wheels = tmp_path_factory.mktemp("wheelhouse")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    for args in (["wheel", "-w", str(wheels), str(ROOT)], ["download", "-d", str(wheels), "setuptools>=77"]):
+        res = subprocess.run(pip + args, capture_output=True, text=True, timeout=300, cwd=wheels)
+        assert res.returncode == 0, res.stdout + res.stderr
+    return wheels
 
 
 @pytest.fixture
