@@ -213,6 +213,16 @@ class Supervisor:
                 pass
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Begin building the real-systemd test's container tree now, while the other tests
+    run, when that test is selected and the tree is not cached (tests/container.py)."""
+    if any(item.nodeid.startswith("tests/test_systemd_real.py") or "test_systemd_real.py" in item.nodeid
+           for item in session.items):
+        import container
+
+        container.start_background_build()
+
+
 @pytest.fixture(scope="session")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory of wheels: preforkd built from this checkout, its dependencies, and

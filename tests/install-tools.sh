@@ -5,6 +5,11 @@ need=""
 command -v socat >/dev/null 2>&1 || need="$need socat"
 command -v systemd-socket-activate >/dev/null 2>&1 || need="$need systemd"
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+# The real-systemd test (tests/test_systemd_real.py) boots a container.
+command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
+command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
+command -v nsenter >/dev/null 2>&1 || need="$need util-linux"
+command -v unshare >/dev/null 2>&1 || need="$need util-linux"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test tools:$need"
