@@ -50,16 +50,16 @@ def commands(page: Path) -> List[Command]:
     out: List[Command] = []
     section = ""
     block: List[str] = []
-    inside = False
+    fenced = inside = False
     for line in page.read_text().splitlines():
-        if not inside and line.startswith("#"):
+        if not fenced and line.startswith("#"):
             section = line.lstrip("#").strip()
         if line.startswith("```"):
             if inside:
                 out += _block(block, section)
                 block, inside = [], False
-            elif line.strip() == "```sh":
-                inside = True
+            fenced = not fenced
+            inside = fenced and line.strip() == "```sh"
             continue
         if inside:
             block.append(line)

@@ -153,6 +153,24 @@ def test_a_terminal_is_told_in_one_line_when_it_serves(started, tmp_path):
         os.close(primary)
 
 
+def test_a_started_daemon_reloads(tmp_path):
+    """`start` then `reload`: the re-executed image of a daemon has no standard streams
+    (found by the README walk: the terminal check must not trip over that)."""
+    cfg = write_config(tmp_path, ECHO)
+    res = run_cli("start", "-c", str(cfg))
+    assert res.returncode == 0, res.stderr
+    pid = int(res.stdout.split()[-1])
+    try:
+        res = run_cli("reload", "-c", str(cfg))
+        assert res.returncode == 0 and f"generation 2 serving (pid {pid})" in res.stdout, res.stdout + res.stderr
+        assert run_cli("stop", "-c", str(cfg)).returncode == 0
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_no_serving_line_without_a_terminal(supervisor):
     sv = supervisor(ECHO)
     sv.signal(signal.SIGTERM)

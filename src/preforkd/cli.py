@@ -181,7 +181,9 @@ def _run(inv: Invocation) -> int:
               file=sys.stderr)
         return EXIT_FAIL
     master = Master(config, inv.handlers, log, inv.config_arg, handover=handover)
-    if sys.stdout.isatty():  # someone watches (make run): one human line when it serves
+    # Someone watches (make run): one human line when it serves. A daemon's re-executed
+    # image has no standard streams at all (sys.stdout is None).
+    if sys.stdout is not None and sys.stdout.isatty():
         master.announce = _announce
     return master.run()
 
