@@ -227,7 +227,7 @@ def write_files(page: Path) -> None:
     """The README's files (a code block whose first line is ``# NAME``), as a reader
     saves them into the checkout."""
     text = page.read_text()
-    for lang, body in re.findall(r"```(python|toml)\n(.*?)```", text, re.S):
+    for _lang, body in re.findall(r"```(python|toml)\n(.*?)```", text, re.S):
         first = body.splitlines()[0]
         name = re.match(r"# ([\w.]+)", first)
         if name:
