@@ -27,7 +27,7 @@ import selectors
 import signal
 import time
 from types import FrameType
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Optional
 
 from . import reexec, status
 from .config import Config, credentials
@@ -103,6 +103,9 @@ class Master:
         self.next_watchdog: Optional[float] = None  # monotonic seconds
         self.log_deadline = time.monotonic() + LOG_DEFER_MAX  # monotonic seconds
         self.reload_deadline = time.monotonic() + RELOAD_READY_TIMEOUT  # monotonic seconds, after a re-exec
+        #: Told "serving echo on tcp://... (4 workers)" once at first readiness (the CLI
+        #: sets it when a person watches the terminal).
+        self.announce: Optional[Callable[[str], None]] = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -274,8 +277,11 @@ class Master:
         self.phase = Phase.RUNNING
         total = sum(p.target for p in self.pools.values())
         self.logger.info("supervisor.ready", services=len(self.pools), workers=total, generation=self.generation)
-        self.notifier.ready(f"serving {len(self.pools)} services with {total} workers")
+        plural = status.plural
+        self.notifier.ready(f"serving {plural(len(self.pools), 'service')} with {plural(total, 'worker')}")
         self._report(f"READY {self.pid}")
+        if self.announce is not None:
+            self.announce(status.serving_line(self.pools.values()))
 
     def _retire_replaced(self, now: float) -> None:
         """After a re-exec: retire each service's old workers once its new ones accept;

@@ -101,11 +101,11 @@ def render(st: Mapping[str, Any]) -> str:
     for svc in st["services"]:
         what = svc["handler"] or " ".join(svc["command"] or [])
         p = svc.get("pool") or {}
-        size = f"{p.get('current', 0)} of {p['min']}..{p['max']}" if p.get("dynamic") else str(p.get("current", 0))
+        size = plural(p.get("current", 0), "worker") + (f" of {p['min']}..{p['max']}" if p.get("dynamic") else "")
         per = f", up to {p['worker_connections']} connections each" if p.get("worker_connections", 1) > 1 else ""
-        lines.append(f"  service {svc['name']} ({what}): workers {size} ({p.get('busy', 0)} busy, "
+        lines.append(f"  service {svc['name']} ({what}): {size} ({p.get('busy', 0)} busy, "
                      f"{p.get('idle', 0)} idle{', saturated' if p.get('saturated') else ''}){per}, "
-                     f"{p.get('connections', 0)} connections open")
+                     f"{plural(p.get('connections', 0), 'connection')} open")
         for lst in svc["listeners"]:
             lines.append(f"    listen {lst['address']}")
         if svc.get("backoff"):
@@ -121,3 +121,17 @@ def render(st: Mapping[str, Any]) -> str:
     for w in st.get("retiring_workers", []):
         lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
     return "\n".join(lines)
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 worker"``, ``"4 workers"``: *count* and the English noun (regular plurals)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def serving_line(pools: Iterable[Pool]) -> str:
+    """What a person at the terminal is told once every pool accepts, e.g.
+    ``serving echo on tcp://127.0.0.1:7000 (4 workers)``: per service its bound
+    addresses (real ports, for port-0 listeners) and its worker count."""
+    parts = [f"{pool.name} on {', '.join(lst.bound for lst in pool.listeners)} ({plural(pool.target, 'worker')})"
+             for pool in pools]
+    return "serving " + "; ".join(parts)
