@@ -85,7 +85,8 @@ def test_status_says_which_configuration_it_looked_at(supervisor, tmp_path):
             assert res.returncode == 0 and "<built-in default>" in res.stdout
     running = run_cli("status", "-c", str(sv.config))
     assert running.returncode == 0 and f"config {sv.config}" in running.stdout
-    assert "  service echo (preforkd.services:echo): 1 worker (0 busy, 1 idle), 0 connections open" in running.stdout.splitlines()
+    line = "  service echo (preforkd.services:echo): 1 worker (0 busy, 1 idle), 0 connections open"
+    assert line in running.stdout.splitlines()
     sv.signal(signal.SIGTERM)
     assert sv.wait_exit() == 0
     stopped = run_cli("status", "-c", str(sv.config))
