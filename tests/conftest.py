@@ -27,10 +27,17 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import psutil
 import pytest
+from hypothesis import settings
+
+# Property-based tests run on a loaded 2-core machine: no per-example deadline.
+settings.register_profile("preforkd", deadline=None)
+settings.load_profile("preforkd")
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFORKD = [sys.executable, "-m", "preforkd"]
 DEFAULT_TIMEOUT = 30.0
+# The default configuration file of the command line: the tests name theirs.
+os.environ.pop("PREFORKD_CONFIG", None)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = DEFAULT_TIMEOUT, interval: float = 0.02,
@@ -108,17 +115,23 @@ class LogReader:
 class Supervisor:
     """A ``preforkd run`` subprocess with its log, addresses and cleanup."""
 
-    def __init__(self, config: Path, extra_env: Optional[dict] = None, args: Iterable[str] = ()) -> None:
+    def __init__(self, config: Path, extra_env: Optional[dict] = None, args: Iterable[str] = (),
+                 argv: Optional[List[str]] = None, stdout: Any = subprocess.PIPE,
+                 program: Optional[List[str]] = None) -> None:
+        """Start ``preforkd run -c CONFIG ARGS`` (or ``preforkd ARGV``) in the config's
+        directory; *stdout* may be a terminal's file descriptor instead of a pipe;
+        *program* replaces ``python -m preforkd`` (an installed copy)."""
         self.config = config
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
         env.update(extra_env or {})
-        self.proc = subprocess.Popen(PREFORKD + ["run", "-c", str(config), *args], cwd=config.parent,
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        command = argv if argv is not None else ["run", "-c", str(config), *args]
+        self.proc = subprocess.Popen((program or PREFORKD) + command, cwd=config.parent,
+                                     stdin=subprocess.DEVNULL, stdout=stdout,
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.pid = self.proc.pid
         self.log = LogReader(self.proc.stderr)
-        self._out = LogReader(self.proc.stdout)
+        self._out = LogReader(self.proc.stdout) if self.proc.stdout else None
         self.seen_pids: set = {self.pid}
 
     # -- waiting -------------------------------------------------------------
@@ -203,6 +216,29 @@ class Supervisor:
                     p.kill()
             except (psutil.Error, OSError):
                 pass
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Begin building the real-systemd test's container tree now, while the other tests
+    run, when that test is selected and the tree is not cached (tests/container.py)."""
+    if any(item.nodeid.startswith("tests/test_systemd_real.py") or "test_systemd_real.py" in item.nodeid
+           for item in session.items):
+        import container
+
+        container.start_background_build()
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of wheels: preforkd built from this checkout, its dependencies, and
+    setuptools (to build the checkout again offline), for ``pip install --no-index
+    --find-links``. Made once per session with the package index's help."""
+    wheels = tmp_path_factory.mktemp("wheelhouse")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    for args in (["wheel", "-w", str(wheels), str(ROOT)], ["download", "-d", str(wheels), "setuptools>=77"]):
+        res = subprocess.run(pip + args, capture_output=True, text=True, timeout=300, cwd=wheels)
+        assert res.returncode == 0, res.stdout + res.stderr
+    return wheels
 
 
 @pytest.fixture

@@ -3,8 +3,16 @@
 # Without root or apt-get, the tests that need them skip with a clear reason.
 need=""
 command -v socat >/dev/null 2>&1 || need="$need socat"
+# nc: the README's examples, walked by tests/test_readme.py; ip: its network namespace.
+command -v nc >/dev/null 2>&1 || need="$need netcat-openbsd"
+command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v systemd-socket-activate >/dev/null 2>&1 || need="$need systemd"
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+# The real-systemd test (tests/test_systemd_real.py) boots a container.
+command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
+command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
+command -v nsenter >/dev/null 2>&1 || need="$need util-linux"
+command -v unshare >/dev/null 2>&1 || need="$need util-linux"
 updated=""
 if [ -n "$need" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -352,3 +352,40 @@ def test_status_json_has_pool_counts_for_a_fixed_pool(supervisor):
     res = run_cli("status", "--json", "-c", str(sv.config))
     p = json.loads(res.stdout)["services"][0]["pool"]
     assert p == {**p, "current": 2, "min": 2, "max": 2, "dynamic": False, "worker_connections": 1, "busy": 0}
+
+
+def test_the_async_examples_work(supervisor):
+    """examples/async.toml's services, as docs/handlers.md shows them."""
+    from conftest import ROOT
+
+    sv = supervisor(f'''
+        [supervisor]
+        pidfile = "run/p.pid"
+        control_socket = "run/p.sock"
+        python_path = ["{ROOT / "examples"}"]
+        [[service]]
+        name = "delayed"
+        listen = ["tcp://127.0.0.1:0"]
+        handler = "async_handlers:delayed"
+        workers = 1
+        worker_connections = 100
+        [[service]]
+        name = "chat"
+        listen = ["tcp://127.0.0.1:0"]
+        handler = "async_handlers:Chat"
+        workers = 1
+        worker_connections = 100
+    ''')
+    with connect(sv.tcp("delayed")) as s:
+        s.sendall(b"WAIT 0.2 later\r\nnow\r\nQUIT\r\n")
+        assert recv_all(s) == b"later\r\nnow\r\n+BYE\r\n"
+    a = connect(sv.tcp("chat"))
+    assert recv_until(a).startswith(b"+OK 1 here")
+    b = connect(sv.tcp("chat"))
+    try:
+        assert recv_until(b).startswith(b"+OK 2 here")
+        assert recv_until(a).endswith(b"joined\r\n")
+        b.sendall(b"hi all\r\n")
+        assert recv_until(a).endswith(b": hi all\r\n")
+    finally:
+        close_all([a, b])

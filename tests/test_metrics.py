@@ -263,3 +263,29 @@ def test_connection_errors_are_counted_in_both_worker_kinds(supervisor):
                  == 1 and metric(sv, "preforkd_connections_total", service=name) == 2,
                  message=f"{name}: one protocol error in two connections")
         assert metric(sv, "preforkd_connection_errors_total", service=name, reason="handler") == 0
+
+
+def test_a_worker_killed_for_its_timeout_counts_as_timeout(supervisor, tmp_path):
+    (tmp_path / "stuck.py").write_text("import time\n\ndef handle(line):\n    time.sleep(10**6)\n")
+    sv = supervisor('''
+        [supervisor]
+        pidfile = "run/preforkd.pid"
+        control_socket = "run/preforkd.sock"
+        python_path = ["."]
+
+        [metrics]
+        listen = "tcp://127.0.0.1:0"
+
+        [[service]]
+        name = "stuck"
+        listen = ["tcp://127.0.0.1:0"]
+        handler = "stuck:handle"
+        workers = 1
+        timeout = 1
+        ''')
+    with connect(sv.tcp("stuck"), timeout=30) as s:
+        s.sendall(b"hang\n")
+        sv.wait_event("worker.timeout")
+        wait_for(lambda: metric(sv, "preforkd_worker_exits_total", service="stuck", reason="timeout") == 1,
+                 message="the timeout kill counted")
+    assert metric(sv, "preforkd_worker_exits_total", service="stuck", reason="killed") == 0

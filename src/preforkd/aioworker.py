@@ -43,6 +43,7 @@ import select
 import selectors
 import signal
 import socket
+import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple, cast
 
 from .handler import HandlerKind, LineHandler, Reply
@@ -57,7 +58,7 @@ from .protocol import (
     ProtocolError,
     encode_reply,
 )
-from .scoreboard import ACTIVE, ERROR_CELL, SERVED, STATE, State
+from .scoreboard import ACTIVE, ERROR_CELL, HEARTBEAT, SERVED, STATE, State
 
 if TYPE_CHECKING:  # pragma: no cover
     from .worker import Worker
@@ -217,6 +218,8 @@ class EventServer:
         self.cells[STATE] = State.IDLE
         self._accept(True)
         loop.call_later(self.tick, self._sweep)
+        if svc_timeout := self.service.timeout:
+            self._beat(svc_timeout / 4)
         self.worker.announce_ready()
         try:
             return loop.run_until_complete(self.done)
@@ -321,12 +324,19 @@ class EventServer:
         max_requests = self.service.max_requests
         if max_requests and self.served >= max_requests and not self.stopping:
             self.logger.info("worker.max_requests", served=self.served)
+            self.logger.info("worker.recycled", reason="max_requests", served=self.served)
             self.stop("max_requests")
         elif not self.stopping:
             self._accept(True)
         self._maybe_done()
 
     # -- timeouts -----------------------------------------------------------------------
+
+    def _beat(self, every: float) -> None:
+        """The loop turns: say so in the scoreboard (the master's ``timeout`` watches it; a
+        handler that blocks the loop stops the beat)."""
+        self.cells[HEARTBEAT] = time.monotonic_ns()
+        self.loop.call_later(every, self._beat, every)
 
     def _sweep(self) -> None:
         """End connections past their idle or line timeout."""
@@ -625,10 +635,11 @@ class LineConnection(asyncio.Protocol):
         than *line* seconds, or it has been silent (or not reading) for *idle* seconds."""
         if self._closing or self._task is not None:
             return
-        if self._line_started and now - self._line_started >= line:
+        if self._write_paused_at:  # we stopped reading it: only its not reading counts
+            if now - self._write_paused_at >= idle:
+                self._protocol_error(IdleTimeout("client stopped reading"))
+        elif self._line_started and now - self._line_started >= line:
             self._protocol_error(LineTimeout(f"no whole line within {line:g} s"))
-        elif self._write_paused_at and now - self._write_paused_at >= idle:
-            self._protocol_error(IdleTimeout("client stopped reading"))
         elif now - self.last_input >= idle:
             self._protocol_error(IdleTimeout(f"no input for {idle:g} s"))
 

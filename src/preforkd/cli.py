@@ -1,7 +1,11 @@
-"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,top,check}``.
+"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,top,check,sample-config}``.
+
+The configuration file is ``-c FILE``, else ``$PREFORKD_CONFIG``, else
+``/etc/preforkd/preforkd.toml`` if it exists, else the built-in default.
 
 Exit statuses: 0 success; 1 failure (one line on stderr says why); ``status``
-returns 3 when the supervisor is not running (LSB init-script convention).
+returns 3 when the supervisor is not running and 4 when it cannot tell (LSB
+init-script convention, "status" action).
 """
 
 from __future__ import annotations
@@ -14,19 +18,44 @@ import sys
 import time
 from typing import Dict, List, Optional
 
+from . import __version__
 from .config import Config, ConfigError, load_config, resolve_config_path, runtime_only_config
 from .handler import Handler, load_handlers
+from .shipped import SAMPLE_FILES, read_shipped
 
 EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING = 0, 1, 3
+#: LSB "program or service status is unknown": the configuration that names the
+#: pidfile and control socket cannot be read.
+EXIT_STATUS_UNKNOWN = 4
+#: The default configuration file when ``-c`` is not given (before the system default).
+CONFIG_PATH_ENV = "PREFORKD_CONFIG"
+
+_DESCRIPTION = """A pre-fork daemon supervisor for Unix.
+
+The configuration file is -c FILE (before or after the command), else
+$PREFORKD_CONFIG, else /etc/preforkd/preforkd.toml if it exists, else the
+built-in default (one echo service on tcp://127.0.0.1:7000)."""
+
+_EPILOG = """examples:
+  preforkd run                          serve the built-in default in the foreground
+  preforkd check -c preforkd.toml       validate a configuration, start nothing
+  preforkd sample-config > preforkd.toml   the commented example configuration
+  preforkd status -c preforkd.toml      what runs (exit 3 when not running)
+
+docs: docs/ in the source tree; `preforkd COMMAND --help` for a command's options."""
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-c", "--config", dest="sub_config", metavar="FILE", default=None,
-                        help="configuration file (default: /etc/preforkd/preforkd.toml if it exists, "
-                             "else the built-in default: echo on tcp://127.0.0.1:7000)")
-    p = argparse.ArgumentParser(prog="preforkd", description="A pre-fork daemon supervisor for Unix.")
-    p.add_argument("-c", "--config", dest="config", metavar="FILE", default=None, help=argparse.SUPPRESS)
+                        help=f"configuration file (default: ${CONFIG_PATH_ENV}, else /etc/preforkd/preforkd.toml "
+                             "if it exists, else the built-in default: echo on tcp://127.0.0.1:7000)")
+    p = argparse.ArgumentParser(prog="preforkd", description=_DESCRIPTION, epilog=_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", dest="config", metavar="FILE", default=None,
+                   help=f"configuration file, also accepted after the command (default: ${CONFIG_PATH_ENV}, "
+                        "else /etc/preforkd/preforkd.toml if it exists, else the built-in default)")
+    p.add_argument("-V", "--version", action="version", version=f"preforkd {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     sub.add_parser("run", parents=[common], help="run the supervisor in the foreground")
@@ -44,16 +73,33 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
     sp.add_argument("--iterations", type=int, default=0, metavar="N",
                     help="stop after N refreshes (default: until Ctrl-C)")
-    sub.add_parser("check", parents=[common], help="validate the configuration and exit")
+    sub.add_parser("check", parents=[common],
+                   help="validate the configuration (and that it can start as this user) and exit")
+    sp = sub.add_parser("sample-config", help="print the commented example configuration or a systemd unit",
+                        description="Print a file shipped with preforkd: the commented example "
+                                    "configuration (etc/preforkd.toml in the source tree) or a systemd unit.")
+    sp.add_argument("name", nargs="?", default=SAMPLE_FILES[0], choices=SAMPLE_FILES,
+                    help=f"which file (default {SAMPLE_FILES[0]})")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``preforkd`` console script (also ``python -m preforkd``).
+
+    :param argv: the arguments after the program name; ``None`` reads ``sys.argv``.
+    :returns: the exit status (see the module docstring); usage errors exit 2
+        through argparse.
+    """
     args = _parser().parse_args(argv)
-    config_arg = args.sub_config or args.config
+    command = args.command
+    if command == "sample-config":
+        sys.stdout.write(read_shipped(args.name))
+        return EXIT_OK
+    # An absolute path from here on: a daemon chdirs, and a re-exec'd master and the
+    # reload check get it as -c, whatever the environment then says.
+    config_arg = args.sub_config or args.config or os.environ.get(CONFIG_PATH_ENV) or None
     if config_arg:
         config_arg = os.path.abspath(config_arg)
-    command = args.command
     if command in ("run", "start"):
         # A HUP must never kill the supervisor, even one that arrives while it is still
         # starting (importing, reading its configuration): it stays pending until the
@@ -72,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             handlers = load_handlers(config)
     except ConfigError as exc:
         fallback = runtime_only_config(path) if command in ("status", "stop", "top") else None
+        if fallback is None and command == "status":
+            return _status_unreadable(path, exc, as_json=args.json)
         if fallback is None:
             print(f"preforkd: {exc}", file=sys.stderr)
             return EXIT_FAIL
@@ -97,15 +145,52 @@ class Invocation:
 
 
 def _check(inv: Invocation) -> int:
+    from .preflight import preflight
     from .reexec import VERSION_PROBE_ENV, Handover
+    from .status import plural
 
     config = inv.config
     listeners = sum(len(s.listen) for s in config.services)
     workers = sum(s.workers for s in config.services)
-    if os.environ.pop(VERSION_PROBE_ENV, None):  # a reloading master asks what this code reads
+    if os.environ.pop(VERSION_PROBE_ENV, None):  # a reloading master's check of the new code
         print(f"handover-version {Handover.VERSION}")
-    print(f"{config.source}: OK ({len(config.services)} services, {listeners} listeners, {workers} workers)")
+        failure = _try_worker_init(inv)
+        if failure:
+            print(f"preforkd: {failure}", file=sys.stderr)
+            return EXIT_FAIL
+    errors, warnings = preflight(config)  # can it start for this user?
+    for line in warnings:
+        print(f"preforkd: warning: {line}", file=sys.stderr)
+    for line in errors:
+        print(f"preforkd: {line}", file=sys.stderr)
+    if errors:
+        return EXIT_FAIL
+    print(f"{config.source}: OK ({plural(len(config.services), 'service')}, {plural(listeners, 'listener')}, "
+          f"{plural(workers, 'worker')})")
     return EXIT_OK
+
+
+def _try_worker_init(inv: Invocation) -> Optional[str]:
+    """Run every service's ``worker_init`` as a worker would (privileges dropped first),
+    so that a reload into code whose workers cannot start is refused before the master
+    commits to ``execve``. Returns the first failure as one line, or ``None``."""
+    from .config import credentials
+    from .worker import drop_privileges
+
+    try:
+        drop_privileges(credentials(inv.config))
+    except (OSError, KeyError) as exc:
+        return f"{inv.config.source}: supervisor.user: cannot become the workers' user: {exc}"
+    for index, svc in enumerate(inv.config.services):
+        handler = inv.handlers.get(svc.name)
+        if handler is None:
+            continue
+        try:
+            handler.worker_init()
+        except Exception as exc:  # noqa: BLE001 - any failure is the reason the reload fails
+            first = " ".join(str(exc).split())
+            return f"{inv.config.source}: service[{index}].handler: worker_init failed: {type(exc).__name__}: {first}"
+    return None
 
 
 def _run(inv: Invocation) -> int:
@@ -126,7 +211,20 @@ def _run(inv: Invocation) -> int:
         print(f"preforkd: {config.source}: log.file: cannot open {config.log.file}: {exc.strerror}",
               file=sys.stderr)
         return EXIT_FAIL
-    return Master(config, inv.handlers, log, inv.config_arg, handover=handover).run()
+    master = Master(config, inv.handlers, log, inv.config_arg, handover=handover)
+    # Someone watches (make run): one human line when it serves. A daemon's re-executed
+    # image has no standard streams at all (sys.stdout is None).
+    if sys.stdout is not None and sys.stdout.isatty():
+        master.announce = _announce
+    return master.run()
+
+
+def _announce(line: str) -> None:
+    """Print the master's "serving ..." line for a person at a terminal."""
+    try:
+        print(f"preforkd: {line}; Ctrl-C stops", flush=True)
+    except OSError:
+        pass  # the terminal went away; the log says it all
 
 
 def _start(inv: Invocation) -> int:
@@ -237,9 +335,10 @@ def _status(inv: Invocation) -> int:
         pid = _live_pid(config)
         if pid is None:
             if args.json:
-                print(json.dumps({"running": False}))
+                print(json.dumps({"running": False, "config": config.source,
+                                  "pidfile": config.supervisor.pidfile or None}))
             else:
-                print("preforkd: not running")
+                print(f"preforkd: not running ({_looked_at(config)})")
             return EXIT_NOT_RUNNING
         if args.json:
             print(json.dumps({"running": True, "pid": pid, "error": "control socket not answering"}))
@@ -258,6 +357,30 @@ def _top(inv: Invocation) -> int:
     from .top import run
 
     return run(inv.config.supervisor.control_socket, max(0.1, inv.args.interval), max(0, inv.args.iterations))
+
+
+def _looked_at(config: Config) -> str:
+    """Which configuration and pidfile ``status`` looked at, and how to name another."""
+    where = f"pidfile {config.supervisor.pidfile}" if config.supervisor.pidfile else "no pidfile"
+    if config.path:
+        return f"config {config.path}, {where}"
+    return (f"built-in default configuration, {where}; for a supervisor started from a file "
+            f"give -c FILE or set {CONFIG_PATH_ENV}")
+
+
+def _status_unreadable(path: Optional[str], exc: ConfigError, as_json: bool) -> int:
+    """``status`` when the configuration cannot be read, so neither the pidfile nor
+    the control socket is known: a missing file is "not running" (3), anything else
+    "unknown" (4), as the LSB init-script "status" action defines them."""
+    missing = bool(path) and not os.path.lexists(str(path))
+    code = EXIT_NOT_RUNNING if missing else EXIT_STATUS_UNKNOWN
+    if as_json:
+        print(json.dumps({"running": False if missing else None, "config": path, "error": str(exc)}))
+    elif missing:
+        print(f"preforkd: not running (config {path} does not exist)")
+    else:
+        print(f"preforkd: status unknown: {exc}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,8 +71,9 @@ class MasterCollector:
             "handler (it raised; a command could not start).", labels=["service", "reason"])
         exits = CounterMetricFamily(
             "preforkd_worker_exits", "Worker exits by reason: stopped (told to: stop, reload, shrink), "
-            "max_requests (recycled itself), init_failed (worker_init raised), crashed (other non-zero exit), "
-            "killed (a signal the master did not send).", labels=["service", "reason"])
+            "max_requests (recycled itself), max_rss (recycled for its memory), timeout (killed for overrunning "
+            "timeout), init_failed (worker_init raised), crashed (other non-zero exit), killed (a signal the "
+            "master did not send).", labels=["service", "reason"])
         queue = GaugeMetricFamily("preforkd_listen_queue", "Connections waiting in the listener's accept queue "
                                   "(TCP listeners; Linux TCP_INFO): above 0 for long, the pool is too small.",
                                   labels=["listener", "service"])

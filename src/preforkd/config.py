@@ -121,6 +121,8 @@ class ServiceConfig:
     max_spare_workers: int
     worker_connections: int  # > 1: event-driven workers
     line_timeout: float  # seconds from a line's first byte to its end
+    timeout: float  # seconds a worker may spend in handler code (or its loop may stall); 0 = never
+    max_rss: int  # MiB; a worker above it is replaced after the connection in hand; 0 = never
 
     @property
     def dynamic(self) -> bool:
@@ -260,10 +262,14 @@ SERVICE_KEYS = (
     "name", "listen", "handler", "command", "workers", "max_requests", "idle_timeout",
     "max_line_length", "backlog", "socket_mode", "reuse_port",
     "max_workers", "min_spare_workers", "max_spare_workers", "worker_connections", "line_timeout",
+    "timeout", "max_rss",
 )
 
+#: The built-in default: echo on 127.0.0.1:7000, a dynamic pool of 4 to 64 workers (so
+#: that a few clients holding connections open never lock out the next one).
 BUILTIN_DEFAULT: Dict[str, Any] = {
-    "service": [{"name": "echo", "listen": ["tcp://127.0.0.1:7000"], "handler": DEFAULT_HANDLER}],
+    "service": [{"name": "echo", "listen": ["tcp://127.0.0.1:7000"], "handler": DEFAULT_HANDLER,
+                 "workers": 4, "max_workers": 64}],
 }
 
 
@@ -520,6 +526,8 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
         max_spare_workers=max_spare,
         worker_connections=worker_connections,
         line_timeout=v.number(svc, "line_timeout", kp, 60),
+        timeout=_timeout(v, svc, kp),
+        max_rss=v.integer(svc, "max_rss", kp, 0, 0, 1 << 30),
         max_requests=v.integer(svc, "max_requests", kp, 0, 0),
         idle_timeout=v.number(svc, "idle_timeout", kp, 300),
         max_line_length=v.integer(svc, "max_line_length", kp, 8192, 1),
@@ -527,6 +535,16 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
         socket_mode=v.octal(svc, "socket_mode", kp, "0660"),
         reuse_port=v.boolean(svc, "reuse_port", kp, False),
     )
+
+
+def _timeout(v: _Validator, svc: Dict[str, Any], kp: str) -> float:
+    """``timeout``: 0 (off) or at least 1 second (workers beat every quarter of it)."""
+    if svc.get("timeout", 30) == 0 and not isinstance(svc.get("timeout"), bool):
+        return 0.0
+    value = v.number(svc, "timeout", kp, 30)
+    if value < 1:
+        raise v.fail(f"{kp}.timeout", f"must be 0 (off) or at least 1 second, got {_show(svc['timeout'])}")
+    return value
 
 
 def _check_own_files(v: _Validator, supervisor: SupervisorConfig, log: LogConfig,

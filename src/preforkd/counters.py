@@ -22,10 +22,12 @@ from .scoreboard import COUNTER_CELLS, Scoreboard
 #: Why a worker exited, as ``preforkd_worker_exits_total{reason}`` says it:
 #: ``stopped`` (the master told it to: stop, reload, pool shrink; also when it had to
 #: kill it for overrunning the stop timeout), ``max_requests`` (it recycled itself: exit
-#: status 0 without being told), ``init_failed`` (``worker_init`` raised: exit status 3),
-#: ``crashed`` (any other non-zero exit status), ``killed`` (a signal the master did not
-#: send as part of a stop: the OOM killer, an operator's ``kill -9``).
-EXIT_REASONS = ("stopped", "max_requests", "init_failed", "crashed", "killed")
+#: status 0 without being told), ``max_rss`` (recycled for its memory), ``timeout``
+#: (killed for overrunning ``timeout`` in handler code, or stalled), ``init_failed``
+#: (``worker_init`` raised: exit status 3), ``crashed`` (any other non-zero exit status),
+#: ``killed`` (a signal the master did not send: the OOM killer, an operator's ``kill -9``).
+#: The first three are routine; the others are not.
+EXIT_REASONS = ("stopped", "max_requests", "max_rss", "timeout", "init_failed", "crashed", "killed")
 #: ``preforkd_reloads_total{result}``.
 RELOAD_RESULTS = ("ok", "failed")
 

@@ -27,7 +27,7 @@ import selectors
 import signal
 import time
 from types import FrameType
-from typing import Any, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import reexec, status
 from .config import Config, credentials
@@ -36,6 +36,7 @@ from .counters import Counters
 from .daemon import Launcher
 from .endpoints import Endpoint
 from .handler import Handler
+from .health import Watchdog
 from .limits import raise_nofile_limit
 from .listeners import Listener, ListenerError, listener_specs, open_listeners, prebind
 from .log import EventLog
@@ -46,11 +47,14 @@ from .pool import Pool, Workers
 from .reload import Reloader
 from .scoreboard import Scoreboard
 from .signals import MASTER_SIGNALS, kill_quietly
+from .worker import set_title
 
 #: Quick worker failures in one pool that make a waiting ``preforkd start`` fail.
 START_FAILURES = 3
 #: Seconds a re-exec'd master may defer importing structlog (see EventLog's defer).
 LOG_DEFER_MAX = 1.0
+#: Seconds a re-exec'd master waits for its new generation before the reload fails.
+RELOAD_READY_TIMEOUT = 30.0
 
 
 class Phase(enum.Enum):
@@ -100,9 +104,14 @@ class Master:
         self.workers = Workers(self.scoreboard, self.logger, config.supervisor.graceful_timeout, self.counters)
         self.endpoints: List[Endpoint] = []  # listeners the master answers itself ([metrics])
         self.renderer: Optional[Renderer] = None
+        self.watchdog = Watchdog(self.workers, self.scoreboard, self.logger)
         self.wake_r = -1
         self.next_watchdog: Optional[float] = None  # monotonic seconds
         self.log_deadline = time.monotonic() + LOG_DEFER_MAX  # monotonic seconds
+        self.reload_deadline = time.monotonic() + RELOAD_READY_TIMEOUT  # monotonic seconds, after a re-exec
+        #: Told "serving echo on tcp://... (4 workers)" once at first readiness (the CLI
+        #: sets it when a person watches the terminal).
+        self.announce: Optional[Callable[[str], None]] = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -125,7 +134,7 @@ class Master:
         socket, pools, then the workers a reload handed over."""
         h = self.handover
         self.log.bind(generation=self.generation)
-        _set_title(f"preforkd: master [gen {self.generation}] {self.config.path or 'built-in default'}")
+        set_title(f"preforkd: master [gen {self.generation}] {self.config.path or 'built-in default'}")
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wakeup)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -168,6 +177,7 @@ class Master:
         """The timed steps, in order; each does nothing until it is due."""
         now = time.monotonic()
         self.workers.kill_overdue(now)
+        self.watchdog.check(self.pools, now)
         self.control.expire(now)
         for endpoint in self.endpoints:
             endpoint.tick(now)
@@ -183,8 +193,8 @@ class Master:
             self.log.activate()  # a reload that takes long writes its events anyway
         if self.phase is Phase.STARTING:
             self._become_ready()
-        elif self.phase is Phase.RELOADING:
-            self._retire_replaced()
+        elif self.phase is Phase.RELOADING or self.workers.old:
+            self._retire_replaced(now)
         if self.phase is Phase.RUNNING:
             self.reloader.start_if_pending()
             if self.renderer is not None and not self.renderer.ready:
@@ -278,23 +288,38 @@ class Master:
         self.phase = Phase.RUNNING
         total = sum(p.target for p in self.pools.values())
         self.logger.info("supervisor.ready", services=len(self.pools), workers=total, generation=self.generation)
-        self.notifier.ready(f"serving {len(self.pools)} services with {total} workers")
+        plural = status.plural
+        self.notifier.ready(f"serving {plural(len(self.pools), 'service')} with {plural(total, 'worker')}")
         self._report(f"READY {self.pid}")
+        if self.announce is not None:
+            self.announce(status.serving_line(self.pools.values()))
 
-    def _retire_replaced(self) -> None:
+    def _retire_replaced(self, now: float) -> None:
         """After a re-exec: retire each service's old workers once its new ones accept;
-        when all do, the reload is done."""
+        when all do, the reload is done. If a pool's new workers keep failing at start,
+        or are not all up within :data:`RELOAD_READY_TIMEOUT`, the reload has failed: the
+        old workers keep serving (they are retired only by new ones that accept), new
+        ones keep being tried with back-off, and the next HUP reloads as usual."""
         ready = {p.name for p in self.pools.values() if p.all_ready()}
         for w in list(self.workers.old.values()):
             if w.service in ready:
                 self.workers.stop(w, graceful=True, reason=f"replaced by generation {self.generation}")
+        if self.phase is not Phase.RELOADING:
+            return
+        # The re-exec'd image imports structlog only once its new generation accepts
+        # (it is most of its start-up); its events so far were buffered with their
+        # times and are written here, before anyone hears the outcome.
+        failing = [p for p in self.pools.values() if p.name not in ready and p.failures >= START_FAILURES]
         if len(ready) == len(self.pools):
-            # The re-exec'd image imports structlog only now that its new generation
-            # accepts (it is most of its start-up); its events so far were buffered
-            # with their times and are written here, before anyone hears "done".
             self.log.activate()
             self.phase = Phase.RUNNING
             self.reloader.succeeded(self.generation)
+        elif failing or now >= self.reload_deadline:
+            why = (f"workers of {failing[0].name} exit at start-up ({failing[0].last_failure})" if failing
+                   else f"new workers not all up within {RELOAD_READY_TIMEOUT:g} s")
+            self.log.activate()
+            self.phase = Phase.RUNNING
+            self.reloader.failed(f"{why}; the previous generation keeps serving")
 
     def commit_reload(self, config: Config, text: Optional[bytes]) -> str:
         """Reload steps 2-3: bind what *config* adds, hand everything over, ``execve``.
@@ -394,7 +419,7 @@ class Master:
                 deadlines.append(now + 0.25)
         deadlines += self.workers.deadlines()
         deadlines += [t for t in (ep.deadline() for ep in self.endpoints) if t is not None]
-        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline()) if t is not None]
+        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.watchdog.deadline()) if t]
         return max(0.0, min(deadlines) - now)
 
     def status(self) -> Dict[str, Any]:
@@ -423,12 +448,3 @@ class Master:
             endpoint.close()
         self.endpoints = []
 
-
-def _set_title(title: str) -> None:
-    """Name this process in ``ps`` (setproctitle); cosmetic, never fails."""
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(title)
-    except Exception:  # noqa: BLE001 - cosmetic
-        pass

@@ -65,6 +65,10 @@ class WorkerInfo:
     ready: bool = False
     stopping: bool = False
     kill_at: Optional[float] = None
+    stack_fd: int = -1  # memfd the worker's faulthandler writes its stack to (SIGUSR2); -1 = none
+    #: Why the master ended it, as preforkd_worker_exits_total counts it (stopped, max_rss,
+    #: timeout); "" while it was not told to stop.
+    ended_for: str = ""
 
     def handover(self) -> InheritedWorker:
         """This worker as the next image of the master will take it over."""
@@ -325,20 +329,24 @@ class Workers:
             pool.next_spawn_at = time.monotonic() + 1.0
             self.logger.error("worker.spawn_failed", service=pool.name, error=str(exc))
             return
+        stack_fd = os.memfd_create("preforkd-stack", os.MFD_CLOEXEC) if pool.config.timeout else -1
         spec = WorkerSpec(env=self.env, service=pool.config, listeners=[lst.sock for lst in pool.listeners],
                           handler=pool.handler, number=number, cells=self.scoreboard.cells(slot),
-                          idle_sem=pool.idle_sem, pool_cells=pool.cells)
+                          idle_sem=pool.idle_sem, pool_cells=pool.cells, stack_fd=stack_fd)
         gc.freeze()  # keep the master's heap out of the collector's way: pages stay shared
         try:
             pid = os.fork()
         except OSError as exc:
             self.scoreboard.release(slot)
+            if stack_fd >= 0:
+                os.close(stack_fd)
             delay = pool.record_exit(0.0, False, f"fork failed: {exc.strerror}", time.monotonic())
             self.logger.error("worker.spawn_failed", service=pool.name, error=exc.strerror, delay=delay)
             return
         if pid == 0:
             run_worker(spec)  # never returns
-        info = WorkerInfo(pid=pid, service=pool.name, number=number, generation=self.env.generation, slot=slot)
+        info = WorkerInfo(pid=pid, service=pool.name, number=number, generation=self.env.generation, slot=slot,
+                          stack_fd=stack_fd)
         pool.workers[number] = info
         self.current[pid] = info
         self.logger.info("worker.spawned", service=pool.name, worker=number, child=pid)
@@ -357,6 +365,8 @@ class Workers:
         if info is not None:
             self.counters.worker_gone(info.service, info.slot, self.scoreboard)
             self.scoreboard.release(info.slot)
+            if info.stack_fd >= 0:
+                os.close(info.stack_fd)
         return info
 
     def exited(self, pid: int, wstatus: int, pools: Dict[str, Pool], everyone_stopping: bool) -> Optional[Pool]:
@@ -375,7 +385,7 @@ class Workers:
             return None
         lifetime = round(now - info.started, 3)
         expected = info.stopping or everyone_stopping
-        self.counters.worker_exited(info.service, exit_reason(how, expected, EXIT_INIT_FAILED))
+        self.counters.worker_exited(info.service, info.ended_for or exit_reason(how, expected, EXIT_INIT_FAILED))
         clean = how.get("exit_code") == 0
         log = self.logger.info if clean or expected else self.logger.warning
         log("worker.exited", service=info.service, worker=info.number, child=pid,
@@ -402,6 +412,7 @@ class Workers:
         if w.stopping and graceful:
             return
         w.stopping = True
+        w.ended_for = w.ended_for or ("max_rss" if reason == "max_rss" else "stopped")
         grace = self.graceful_timeout + self.STOP_BACKSTOP if graceful else self.QUICK_STOP_GRACE
         w.kill_at = time.monotonic() + grace
         kill_quietly(w.pid, signal.SIGTERM if graceful else signal.SIGQUIT)

@@ -29,7 +29,7 @@ from .config import ServiceConfig
 from .handler import Close, Handler, HandlerKind, LineHandler, Reply
 from .listeners import set_recv_timeout, set_timeouts
 from .log import Logger
-from .scoreboard import ERROR_CELL
+from .scoreboard import CALL_SINCE, ERROR_CELL, HEARTBEAT
 
 RECV_SIZE = 65536
 CRLF = b"\r\n"
@@ -120,11 +120,11 @@ class Connection:
     (bytes), ``idle_timeout`` and ``line_timeout`` (seconds).
     """
 
-    __slots__ = ("_buf", "_eof", "_line_started", "_pos", "_short_timeout", "addr", "idle_timeout",
+    __slots__ = ("_buf", "_cells", "_eof", "_line_started", "_pos", "_short_timeout", "addr", "idle_timeout",
                  "line_timeout", "max_line_length", "service", "sock")
 
     def __init__(self, sock: socket.socket, addr: Any, service: str, max_line_length: int, idle_timeout: float,
-                 line_timeout: float = 60.0) -> None:
+                 line_timeout: float = 60.0, cells: Optional[memoryview] = None) -> None:
         self.sock = sock
         self.addr = addr
         self.service = service
@@ -136,6 +136,9 @@ class Connection:
         self._eof = False
         self._line_started = 0.0  # monotonic seconds: first byte of the partial line in hand; 0 = none
         self._short_timeout = False  # SO_RCVTIMEO is below idle_timeout (a partial line's deadline)
+        #: The worker's scoreboard slot: client I/O clears its CALL_SINCE (waiting on the
+        #: client is not handler code, which ``timeout`` bounds) and sets it again after.
+        self._cells = cells
 
     @property
     def peer(self) -> str:
@@ -166,8 +169,14 @@ class Connection:
             if self._short_timeout:
                 set_recv_timeout(sock, self.idle_timeout)
                 self._short_timeout = False
+        cells = self._cells
+        if cells is not None:
+            cells[CALL_SINCE] = 0
         try:
-            return sock.recv(RECV_SIZE)
+            data = sock.recv(RECV_SIZE)
+            if cells is not None:
+                cells[HEARTBEAT] = cells[CALL_SINCE] = time.monotonic_ns()
+            return data
         except (TimeoutError, BlockingIOError):
             if self._short_timeout:
                 raise LineTimeout(f"no whole line within {self.line_timeout:g} s") from None
@@ -223,10 +232,15 @@ class Connection:
         :raises ConnectionError: the client went away.
         :raises IdleTimeout: the client stopped reading for ``idle_timeout`` seconds.
         """
+        cells = self._cells
+        if cells is not None:
+            cells[CALL_SINCE] = 0
         try:
             self.sock.sendall(data)
         except (TimeoutError, BlockingIOError):
             raise IdleTimeout("client stopped reading") from None
+        if cells is not None:
+            cells[HEARTBEAT] = cells[CALL_SINCE] = time.monotonic_ns()
 
     def write_line(self, line: str) -> None:
         """Send one line; CRLF is appended."""
@@ -258,8 +272,8 @@ class CountingConnection(Connection):
     __slots__ = ("bytes_in", "bytes_out", "lines")
 
     def __init__(self, sock: socket.socket, addr: Any, service: str, max_line_length: int, idle_timeout: float,
-                 line_timeout: float = 60.0) -> None:
-        super().__init__(sock, addr, service, max_line_length, idle_timeout, line_timeout)
+                 line_timeout: float = 60.0, cells: Optional[memoryview] = None) -> None:
+        super().__init__(sock, addr, service, max_line_length, idle_timeout, line_timeout, cells)
         self.bytes_in = self.bytes_out = self.lines = 0
 
     def recv(self, partial: bool) -> bytes:
@@ -422,15 +436,20 @@ def _caller(handler: Handler, counted: bool = False) -> Callable[[Connection], N
 
 
 def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, unix: bool,
-                      cells: Optional[memoryview] = None, access: bool = False) -> Callable[[socket.socket, Any], str]:
+                      cells: Optional[memoryview] = None, counters: Optional[memoryview] = None,
+                      access: bool = False) -> Callable[[socket.socket, Any], str]:
     """The function a worker calls with each accepted ``(socket, address)`` of one
     listener: frame lines with *handler* under *service*'s limits, log failures and
-    count them in the worker's scoreboard *cells*. It returns how the connection ended
-    (:func:`serve`).
+    count them in the worker's scoreboard (*counters*). It returns how the connection
+    ended (:func:`serve`).
 
     :param unix: the listener is a Unix socket: accepted connections did not inherit
         the idle timeout from it (TCP ones do, see :func:`preforkd.listeners.tune`),
         so it is set on each.
+    :param cells: the worker's scoreboard slot, whose ``CALL_SINCE`` the connection
+        keeps (see :class:`Connection`); ``None`` when nobody watches.
+    :param counters: the worker's scoreboard slot, where connections ended by an error
+        are counted (:func:`serve`).
     :param access: log one ``connection.closed`` event per connection (``peer``,
         ``duration_ms`` from the first byte served to the close, on the monotonic clock,
         ``lines``, ``bytes_in``, ``bytes_out``, ``reason``), counting through a
@@ -446,8 +465,8 @@ def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, 
             started = monotonic()
             if unix:
                 set_timeouts(sock, idle)
-            conn = CountingConnection(sock, addr, name, limit, idle, line)
-            reason = serve(conn, counted_call, logger, cells)
+            conn = CountingConnection(sock, addr, name, limit, idle, line, cells)
+            reason = serve(conn, counted_call, logger, counters)
             log_closed(peer=conn.peer, duration_ms=round((monotonic() - started) * 1000, 3), lines=conn.lines,
                        bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, reason=reason)
             return reason
@@ -458,7 +477,7 @@ def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, 
     def serve_socket(sock: socket.socket, addr: Any) -> str:
         if unix:
             set_timeouts(sock, idle)
-        return serve(Connection(sock, addr, name, limit, idle, line), call, logger, cells)
+        return serve(Connection(sock, addr, name, limit, idle, line, cells), call, logger, counters)
 
     return serve_socket
 

@@ -19,19 +19,23 @@ import mmap
 import os
 from typing import List, Optional
 
-#: Cells (unsigned 64-bit) per slot: 64 bytes, one cache line, so that two workers never
-#: write to the same line. Unused cells are room for later counters.
-CELLS = 8
+#: Cells (unsigned 64-bit) per slot: 128 bytes, two whole cache lines, so that two
+#: workers never write to the same line. Unused cells are room for later counters. (A
+#: change of layout is a change of the hand-over's version: an inherited scoreboard is
+#: read with the layout of the code that reads it.)
+CELLS = 16
 #: Cell indexes within a worker's slot.
 STATE = 0   # a :class:`State`
 SERVED = 1  # connections served by this worker since it started
 ACTIVE = 2  # connections it holds now (0 or 1, up to worker_connections when event-driven)
+CALL_SINCE = 3  # CLOCK_MONOTONIC ns since when it runs handler code (not client I/O); 0 = not now
+HEARTBEAT = 4  # CLOCK_MONOTONIC ns of its last sign of life (loop turn, read, accept)
 #: Connections this worker ended because of an error, by kind (written on the error
 #: path only: a connection that goes well costs nothing more).
-ERRORS_PROTOCOL = 3  # line too long, not UTF-8
-ERRORS_TIMEOUT = 4   # idle_timeout, line_timeout, a command program outliving idle_timeout
-ERRORS_RESET = 5     # the client reset the connection or vanished
-ERRORS_HANDLER = 6   # the handler raised; a command program could not be started
+ERRORS_PROTOCOL = 5  # line too long, not UTF-8
+ERRORS_TIMEOUT = 6   # idle_timeout, line_timeout, a command program outliving idle_timeout
+ERRORS_RESET = 7     # the client reset the connection or vanished
+ERRORS_HANDLER = 8   # the handler raised; a command program could not be started
 
 #: How a connection ended (the ``reason`` of ``connection.closed``) -> the error cell it
 #: counts in; reasons not listed are not errors.
@@ -126,6 +130,14 @@ class Scoreboard:
     def active(self, slot: int) -> int:
         """Connections the slot's worker holds now."""
         return int(self._cells[slot * CELLS + ACTIVE])
+
+    def call_since(self, slot: int) -> int:
+        """CLOCK_MONOTONIC nanoseconds since when the worker runs handler code; 0 if not."""
+        return int(self._cells[slot * CELLS + CALL_SINCE])
+
+    def heartbeat(self, slot: int) -> int:
+        """CLOCK_MONOTONIC nanoseconds of the worker's last sign of life."""
+        return int(self._cells[slot * CELLS + HEARTBEAT])
 
     def served(self, slot: int) -> int:
         """Connections served by the slot's worker."""

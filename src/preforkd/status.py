@@ -73,8 +73,10 @@ def _listener(lst: Listener) -> Dict[str, Any]:
 
 def _worker(w: WorkerInfo, scoreboard: Scoreboard) -> Dict[str, Any]:
     state = "stopping" if w.stopping else (scoreboard.state(w.slot) if w.ready else "starting")
+    call = scoreboard.call_since(w.slot)
     out: Dict[str, Any] = {"pid": w.pid, "number": w.number, "generation": w.generation, "state": state,
                            "connections": scoreboard.served(w.slot), "active": scoreboard.active(w.slot),
+                           "in_call": round((time.monotonic_ns() - call) / 1e9, 3) if call else None,
                            "uptime": round(time.monotonic() - w.started, 3)}
     import psutil  # only status needs it; keeps the re-exec'd image's start-up short
 
@@ -114,11 +116,11 @@ def render(st: Mapping[str, Any]) -> str:
     for svc in st["services"]:
         what = svc["handler"] or " ".join(svc["command"] or [])
         p = svc.get("pool") or {}
-        size = f"{p.get('current', 0)} of {p['min']}..{p['max']}" if p.get("dynamic") else str(p.get("current", 0))
+        size = plural(p.get("current", 0), "worker") + (f" of {p['min']}..{p['max']}" if p.get("dynamic") else "")
         per = f", up to {p['worker_connections']} connections each" if p.get("worker_connections", 1) > 1 else ""
-        lines.append(f"  service {svc['name']} ({what}): workers {size} ({p.get('busy', 0)} busy, "
+        lines.append(f"  service {svc['name']} ({what}): {size} ({p.get('busy', 0)} busy, "
                      f"{p.get('idle', 0)} idle{', saturated' if p.get('saturated') else ''}){per}, "
-                     f"{p.get('connections', 0)} connections open")
+                     f"{plural(p.get('connections', 0), 'connection')} open")
         lines.append(f"    totals: {svc.get('connections_total', 0)} connections served, {p.get('busy', 0)} busy / "
                      f"{p.get('idle', 0)} idle / {p.get('max', 0)} max workers, listen queue "
                      f"{svc.get('listen_queue', 0)}")
@@ -131,11 +133,26 @@ def render(st: Mapping[str, Any]) -> str:
         for w in svc["workers"]:
             rss = f"{w['rss'] / 1048576:.1f} MiB" if w.get("rss") else "?"
             cpu = f"{w['cpu']:.2f} s" if w.get("cpu") is not None else "?"
+            call = f", in handler for {w['in_call']:.1f} s" if w.get("in_call") else ""
             lines.append(f"    worker #{w['number']:<3} pid {w['pid']:<7} gen {w['generation']:<3} "
                          f"{w['state']:<9} open {w.get('active', 0):<5} served {w['connections']:<7} "
-                         f"rss {rss:<10} cpu {cpu}")
+                         f"rss {rss:<10} cpu {cpu}{call}")
     for w in st.get("retiring_workers", []):
         lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
     for ep in st.get("endpoints", []):
         lines.append(f"  {ep['role']} endpoint {ep['address']}")
     return "\n".join(lines)
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 worker"``, ``"4 workers"``: *count* and the English noun (regular plurals)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def serving_line(pools: Iterable[Pool]) -> str:
+    """What a person at the terminal is told once every pool accepts, e.g.
+    ``serving echo on tcp://127.0.0.1:7000 (4 workers)``: per service its bound
+    addresses (real ports, for port-0 listeners) and its worker count."""
+    parts = [f"{pool.name} on {', '.join(lst.bound for lst in pool.listeners)} ({plural(pool.target, 'worker')})"
+             for pool in pools]
+    return "serving " + "; ".join(parts)

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import faulthandler
 import os
 import select
 import signal
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
@@ -49,7 +51,7 @@ from .config import Credentials, ServiceConfig
 from .handler import Handler
 from .log import EventLog, Logger
 from .protocol import connection_server
-from .scoreboard import ACTIVE, ARMED, SERVED, STATE, State
+from .scoreboard import ACTIVE, ARMED, CALL_SINCE, HEARTBEAT, SERVED, STATE, State
 from .services import CommandService, logged_command
 from .signals import WORKER_RESET
 
@@ -90,6 +92,7 @@ class WorkerSpec:
     cells: memoryview  # this worker's scoreboard slot (preforkd.scoreboard)
     idle_sem: Any = None  # a dynamic pool's idle-worker semaphore (preforkd.pool.Pool)
     pool_cells: Optional[memoryview] = None  # a dynamic pool's own scoreboard slot
+    stack_fd: int = -1  # a memfd the master reads: SIGUSR2 dumps our Python stack there (faulthandler)
 
 
 class Spares:
@@ -171,15 +174,18 @@ class Worker:
         """Set up, then serve until told to stop; returns the exit status."""
         spec, env = self.spec, self.env
         self._reset_signals()
-        _close_others([env.log.sink.fd, env.alive_fd, env.ready_fd] + [s.fileno() for s in self.listeners])
+        _close_others([env.log.sink.fd, env.alive_fd, env.ready_fd, spec.stack_fd]
+                      + [s.fileno() for s in self.listeners])
         env.log.after_fork(service=self.service.name, worker=spec.number, generation=env.generation)
-        if _setproctitle is not None:
-            _setproctitle.setproctitle(f"preforkd: worker {self.service.name}#{spec.number}")
-        _drop_privileges(env.credentials)
+        set_title(f"preforkd: worker {self.service.name}#{spec.number}")
+        drop_privileges(env.credentials)
         _set_pdeathsig(signal.SIGTERM)
         if os.getppid() != env.master_pid:
             return 0  # the master died before we could ask to be told
         self._install_signals(event_driven=self.service.event_driven)
+        if spec.stack_fd >= 0:  # the master's SIGUSR2 before it kills us for `timeout`
+            faulthandler.register(signal.SIGUSR2, file=spec.stack_fd, all_threads=True, chain=False)
+        spec.cells[HEARTBEAT] = time.monotonic_ns()
         if spec.handler is not None:
             try:
                 spec.handler.worker_init()
@@ -235,8 +241,9 @@ class Worker:
             else:
                 assert self.spec.handler is not None
                 serve_one = connection_server(self.spec.handler, self.service, self.logger,
-                                              unix=sock.family == socket.AF_UNIX, cells=self.spec.cells,
-                                              access=self.env.access_log)
+                                              unix=sock.family == socket.AF_UNIX,
+                                              cells=self.spec.cells if self.service.timeout else None,
+                                              counters=self.spec.cells, access=self.env.access_log)
             poller.register(sock.fileno(), select.EPOLLIN | exclusive)
             servers[sock.fileno()] = (sock, serve_one)
         poller.register(self.env.alive_fd, select.EPOLLIN)
@@ -263,10 +270,15 @@ class Worker:
         spares = self.spares
         served = 0
         poll = poller.poll
+        watched = self.service.timeout > 0
+        beat = self.service.timeout / 4 if watched else -1  # epoll_wait wakes to beat while idle
         while not self.stop_requested():
             if self.reopen_log:
                 self._reopen_log()
-            for fd, _mask in poll():
+            events = poll(beat)
+            if watched:
+                cells[HEARTBEAT] = time.monotonic_ns()
+            for fd, _mask in events:
                 entry = servers.get(fd)
                 if entry is None:
                     if fd == alive_fd:
@@ -294,6 +306,8 @@ class Worker:
                         self._stop_listening()
                     cells[STATE] = State.BUSY
                     cells[ACTIVE] = 1
+                    if watched:  # handler code from here (on_connect...) until it waits on the client
+                        cells[HEARTBEAT] = cells[CALL_SINCE] = time.monotonic_ns()
                     if spares is not None:
                         spares.busy()
                     try:
@@ -303,12 +317,14 @@ class Worker:
                         self.busy = False
                         served += 1
                         cells[SERVED] = served
+                        cells[CALL_SINCE] = 0
                         cells[ACTIVE] = 0
                         cells[STATE] = State.IDLE
                         if spares is not None:
                             spares.idle()
                     if max_requests and served >= max_requests:
                         self.logger.info("worker.max_requests", served=served)
+                        self.logger.info("worker.recycled", reason="max_requests", served=served)
                         return 0
                     if self.stop_requested() or self.reopen_log:
                         break
@@ -409,12 +425,22 @@ except ImportError:  # pragma: no cover - a declared dependency
     _setproctitle = None  # type: ignore[assignment]
 
 
+def set_title(title: str) -> None:
+    """Name this process in ``ps`` (setproctitle, imported once in the master so that
+    workers share it); cosmetic, never fails."""
+    if _setproctitle is not None:
+        try:
+            _setproctitle.setproctitle(title)
+        except Exception:  # noqa: BLE001 - cosmetic
+            pass
+
+
 def _set_pdeathsig(sig: int) -> None:
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
-def _drop_privileges(creds: Credentials) -> None:
+def drop_privileges(creds: Credentials) -> None:
     """setgid, initgroups/setgroups, setuid (in that order: credentials(7)); only as root."""
     if os.geteuid() != 0:
         return
