@@ -202,8 +202,9 @@ class EventServer:
         self.call_line = _line_caller(self.handler.kind, self.handler.target)
         #: [log] access: connections that count what they do and log connection.closed
         self.connection_class = CountingLineConnection if worker.env.access_log else LineConnection
-        #: writes connection.closed (used by CountingLineConnection only)
-        self.log_closed: Callable[..., None] = self.logger.hot("connection.closed")
+        #: [log] access: connection.closed, buffered, flushed once per loop turn that logged one
+        self.access = worker.access
+        self.flush_pending = False
 
     # -- life ---------------------------------------------------------------------------
 
@@ -225,6 +226,12 @@ class EventServer:
             return loop.run_until_complete(self.done)
         finally:
             self.cells[STATE] = State.STOPPING
+
+    def flush_access(self) -> None:
+        """Write the access log lines of this loop turn (one ``write``)."""
+        self.flush_pending = False
+        if self.access is not None:
+            self.access.flush()
 
     def _loop_error(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
         """What asyncio would print to stderr, as one event (a bug of ours or a handler's)."""
@@ -722,9 +729,15 @@ class CountingLineConnection(LineConnection):
         if exc is not None and not self._closing and isinstance(exc, OSError):
             self.reason = self.reason or "reset"
         super().connection_lost(exc)
-        self.server.log_closed(peer=self.peer, duration_ms=round((self.server.loop.time() - self._opened_at) * 1000, 3),
-                               lines=self.lines, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                               reason=self.reason or "client_closed")
+        server = self.server
+        if server.access is None:
+            return
+        server.access(peer=self.peer, duration_ms=round((server.loop.time() - self._opened_at) * 1000, 3),
+                      lines=self.lines, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                      reason=self.reason or "client_closed")
+        if not server.flush_pending:
+            server.flush_pending = True
+            server.loop.call_soon(server.flush_access)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closing:

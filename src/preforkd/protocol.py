@@ -28,7 +28,7 @@ from typing import Any, Callable, List, NoReturn, Optional, Tuple, cast
 from .config import ServiceConfig
 from .handler import Close, Handler, HandlerKind, LineHandler, Reply
 from .listeners import set_recv_timeout, set_timeouts
-from .log import Logger
+from .log import HotEvent, Logger
 from .scoreboard import CALL_SINCE, ERROR_CELL, HEARTBEAT
 
 RECV_SIZE = 65536
@@ -437,7 +437,7 @@ def _caller(handler: Handler, counted: bool = False) -> Callable[[Connection], N
 
 def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, unix: bool,
                       cells: Optional[memoryview] = None, counters: Optional[memoryview] = None,
-                      access: bool = False) -> Callable[[socket.socket, Any], str]:
+                      access: Optional[HotEvent] = None) -> Callable[[socket.socket, Any], str]:
     """The function a worker calls with each accepted ``(socket, address)`` of one
     listener: frame lines with *handler* under *service*'s limits, log failures and
     count them in the worker's scoreboard (*counters*). It returns how the connection
@@ -450,16 +450,17 @@ def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, 
         keeps (see :class:`Connection`); ``None`` when nobody watches.
     :param counters: the worker's scoreboard slot, where connections ended by an error
         are counted (:func:`serve`).
-    :param access: log one ``connection.closed`` event per connection (``peer``,
+    :param access: where one ``connection.closed`` event per connection goes (``peer``,
         ``duration_ms`` from the first byte served to the close, on the monotonic clock,
         ``lines``, ``bytes_in``, ``bytes_out``, ``reason``), counting through a
-        :class:`CountingConnection`; without it nothing is counted or timed.
+        :class:`CountingConnection`; ``None`` (the access log off): nothing is counted
+        or timed.
     """
     name, limit, idle, line = service.name, service.max_line_length, service.idle_timeout, service.line_timeout
-    if access:
+    if access is not None:
         counted_call = _caller(handler, counted=True)
         monotonic = time.monotonic
-        log_closed = logger.hot("connection.closed")
+        log_closed = access
 
         def serve_logged(sock: socket.socket, addr: Any) -> str:
             started = monotonic()

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 from .config import SAFE_PATH
 from .handler import Close, LineHandler, Reply
 from .listeners import tcp_byte_counts
-from .log import Logger
+from .log import HotEvent, Logger
 from .protocol import peer_text
 from .scoreboard import ERROR_CELL
 
@@ -131,13 +131,12 @@ class CommandService:
                 pass
 
 
-def logged_command(command: CommandService, logger: Logger) -> Callable[[socket.socket, Any], str]:
-    """*command* with one ``connection.closed`` event per connection (``[log] access``).
+def logged_command(command: CommandService, log_closed: HotEvent) -> Callable[[socket.socket, Any], str]:
+    """*command* with one ``connection.closed`` event per connection (``[log] access``)
+    through *log_closed*.
     The program owns the socket, so lines are not known (``null``) and the byte counts
     come from the kernel's ``TCP_INFO`` (:func:`preforkd.listeners.tcp_byte_counts`;
     ``null`` for a Unix-domain client). ``duration_ms``: monotonic clock."""
-    log_closed = logger.hot("connection.closed")
-
     def serve_logged(sock: socket.socket, peer_addr: Any) -> str:
         started = time.monotonic()
         reason = command(sock, peer_addr)

@@ -28,3 +28,20 @@ def test_hot_event_below_the_level_writes_nothing(tmp_path: Path) -> None:
     log = EventLog("warning", "json", str(path))
     log.logger().hot("connection.closed")(peer="x")
     assert path.read_text() == ""
+
+
+def test_a_buffered_hot_event_writes_whole_lines_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "events.log"
+    log = EventLog("info", "json", str(path))
+    hot = log.logger().hot("connection.closed", buffer=4096)
+    for i in range(3):
+        hot(n=i)
+    assert path.read_text() == ""  # kept until the owner goes idle
+    hot.flush()
+    assert [json.loads(line)["n"] for line in path.read_text().splitlines()] == [0, 1, 2]
+    for i in range(100):  # more than the buffer holds: written as it fills, never a partial line
+        hot(n=i, pad="x" * 100)
+    written = path.read_text()
+    assert written.endswith("\n") and 3 < len(written.splitlines()) < 103
+    hot.flush()
+    assert len(path.read_text().splitlines()) == 103
