@@ -476,7 +476,44 @@ class PreforkdPeer(Peer):
         return [w["pid"] for s in st["services"] for w in s["workers"]]
 
 
-PEER_CLASSES = [PreforkdPeer, NaivePeer, ForkingPeer, AsyncioPeer, NetServerPeer, RedisPeer]
+class PreforkdAccessPeer(PreforkdPeer):
+    """preforkd as above with its access log on (`[log] access = true`, events to a file in
+    the work directory, one `connection.closed` line per connection): W1 against the plain
+    preforkd peer, in the same run, is what the access log costs. Its events go to the
+    file, so the port is read from `status --json`."""
+
+    name, label = "preforkd-access", "preforkd, access log on"
+    _stderr_tail = Peer._stderr_tail  # its stderr is the file Peer._spawn writes
+
+    def __init__(self, workdir: Path, workers: int = 4) -> None:
+        super().__init__(workdir, workers)
+        self.workdir = workdir / f"preforkd-access-{workers}"
+
+    def start(self) -> None:
+        if not PREFORKD.exists():
+            raise PeerFailed(f"{PREFORKD.relative_to(ROOT)} not found (make venv)")
+        self.config = write_preforkd_config(self.workdir, self.workers)
+        self.config.write_text(self.config.read_text().replace(
+            'level = "info"\n', 'level = "info"\naccess = true\nfile = "access.log"\n'))
+        self._spawn([str(PREFORKD), "run", "-c", str(self.config)], False)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not self.port:
+            out = subprocess.run([str(PREFORKD), "status", "--json", "-c", str(self.config)],
+                                 capture_output=True, text=True, timeout=20)
+            with contextlib.suppress(ValueError, KeyError, IndexError):
+                st = json.loads(out.stdout)
+                if st.get("state") == "running":
+                    self.port = int(st["services"][0]["listeners"][0]["address"].rsplit(":", 1)[1])
+            if not self.port:
+                if not self.alive():
+                    raise PeerFailed(f"exited during start-up{self._stderr_tail()}")
+                time.sleep(0.1)
+        if not self.port:
+            raise PeerFailed("not running after 20 s")
+        self.wait_ready()
+
+
+PEER_CLASSES = [PreforkdPeer, PreforkdAccessPeer, NaivePeer, ForkingPeer, AsyncioPeer, NetServerPeer, RedisPeer]
 
 
 # ---------------------------------------------------------------- load generator

@@ -13,12 +13,34 @@ command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
 command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
 command -v nsenter >/dev/null 2>&1 || need="$need util-linux"
 command -v unshare >/dev/null 2>&1 || need="$need util-linux"
-[ -z "$need" ] && exit 0
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing test tools:$need"
-    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need) >/dev/null 2>&1 \
-        || echo "warning: could not install$need; tests needing them will be skipped"
-else
-    echo "note: missing$need (not root or no apt-get); tests needing them will be skipped"
+updated=""
+if [ -n "$need" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing test tools:$need"
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need) >/dev/null 2>&1 \
+            || echo "warning: could not install$need; tests needing them will be skipped"
+        updated=1
+    else
+        echo "note: missing$need (not root or no apt-get); tests needing them will be skipped"
+    fi
+fi
+# promtool (checks etc/prometheus's alert rules): only that program out of Debian's
+# prometheus package, unpacked to /usr/local/bin; installing the package itself would
+# also install (and on some systems start) a Prometheus server.
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x /usr/local/bin/promtool ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && command -v dpkg-deb >/dev/null 2>&1; then
+        echo "installing test tool: promtool (from Debian's prometheus package)"
+        dir=$(mktemp -d)
+        ( [ -n "$updated" ] || apt-get update -qq ) >/dev/null 2>&1
+        if (cd "$dir" && apt-get download -qq prometheus && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool) >/dev/null 2>&1 \
+            && install -m 0755 "$dir/usr/bin/promtool" /usr/local/bin/promtool; then
+            :
+        else
+            echo "warning: could not install promtool; the promtool checks will be skipped"
+        fi
+        rm -rf "$dir"
+    else
+        echo "note: promtool missing (not root or no apt-get); the promtool checks will be skipped"
+    fi
 fi
 exit 0

@@ -1,4 +1,4 @@
-"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,check,sample-config}``.
+"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,top,check,sample-config}``.
 
 The configuration file is ``-c FILE``, else ``$PREFORKD_CONFIG``, else
 ``/etc/preforkd/preforkd.toml`` if it exists, else the built-in default.
@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds to wait (default 60)")
     sp = sub.add_parser("status", parents=[common], help="show the master, services and workers")
     sp.add_argument("--json", action="store_true", help="print the status document as JSON")
+    sp = sub.add_parser("top", parents=[common], help="per-service totals, refreshed every second until Ctrl-C")
+    sp.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between refreshes (default 1)")
+    sp.add_argument("--iterations", type=int, default=0, metavar="N",
+                    help="stop after N refreshes (default: until Ctrl-C)")
     sub.add_parser("check", parents=[common],
                    help="validate the configuration (and that it can start as this user) and exit")
     sp = sub.add_parser("sample-config", help="print the commented example configuration or a systemd unit",
@@ -113,7 +117,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if command in ("run", "start", "check", "reload"):
             handlers = load_handlers(config)
     except ConfigError as exc:
-        fallback = runtime_only_config(path) if command in ("status", "stop") else None
+        fallback = runtime_only_config(path) if command in ("status", "stop", "top") else None
         if fallback is None and command == "status":
             return _status_unreadable(path, exc, as_json=args.json)
         if fallback is None:
@@ -124,7 +128,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"preforkd: warning: {exc}", file=sys.stderr)
         config = fallback
     action = {"run": _run, "start": _start, "stop": _stop, "reload": _reload, "status": _status,
-              "check": _check}[command]
+              "check": _check, "top": _top}[command]
     try:
         return action(Invocation(config, handlers, config_arg, args))
     except KeyboardInterrupt:
@@ -347,6 +351,12 @@ def _status(inv: Invocation) -> int:
     else:
         print(render(st))
     return EXIT_OK
+
+
+def _top(inv: Invocation) -> int:
+    from .top import run
+
+    return run(inv.config.supervisor.control_socket, max(0.1, inv.args.interval), max(0, inv.args.iterations))
 
 
 def _looked_at(config: Config) -> str:

@@ -99,6 +99,7 @@ class Watchdog:
         """Step 1: mark it stopping (its exit is no crash; the pool replaces it now) and ask
         for its stack, unless it is stopped and cannot answer."""
         w.stopping = True
+        w.ended_for = "timeout"  # preforkd_worker_exits_total{reason="timeout"}
         dump = w.stack_fd >= 0 and not why.startswith("stopped")
         if dump:
             try:

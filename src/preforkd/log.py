@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import json
 import logging
 import os
+import time
 import traceback
-from typing import Any, Dict, List, MutableMapping, Tuple
+from typing import Any, Callable, Dict, List, MutableMapping, Tuple
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -102,6 +104,90 @@ def _add_timestamp(_logger: Any, _name: str, event_dict: MutableMapping[str, Any
     return event_dict
 
 
+def _json_value(v: Any) -> str:
+    """*v* as ``json.dumps`` writes it (ASCII-escaped strings, ``float.__repr__``)."""
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if isinstance(v, str):
+        return _encode_str(v)
+    if isinstance(v, int):
+        return int.__repr__(v)
+    return json.dumps(v)
+
+
+_encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
+
+
+class _Clock:
+    """ISO 8601 UTC timestamps as :func:`_now` writes them (``2026-11-21T18:30:46.123456``,
+    the ``Z`` left to the caller), formatting the date and time once per second."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def now(self) -> str:
+        t = time.time()
+        second = int(t)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.datetime.fromtimestamp(second, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((t - second) * 1e6):06d}"
+
+
+#: Bytes of access-log lines a worker keeps before writing them at once: at most
+#: PIPE_BUF (pipe(7)), so that one write to a pipe (stderr under systemd) stays atomic and
+#: never interleaves with another process's lines; O_APPEND writes to a file are whole.
+HOT_BUFFER = 4096
+
+
+class HotEvent:
+    """One event a hot path logs (:meth:`EventLog.hot_event`): call it with the event's
+    fields. With a *buffer* (bytes), rendered lines are kept and written together when
+    the next would not fit, or at :meth:`flush`, which the owner calls when it goes
+    idle, before it exits and before the log file is reopened; lines still buffered
+    when the process is killed are lost."""
+
+    __slots__ = ("_buf", "_emit", "_rendered", "_size", "limit", "sink")
+
+    def __init__(self, emit: Any, sink: LogSink, buffer: int, rendered: bool = False) -> None:
+        self._emit = emit  # fields -> a rendered line (rendered) or nothing (it logs itself); None: off
+        self._rendered = rendered
+        self.sink = sink
+        self.limit = buffer
+        self._buf: List[str] = []
+        self._size = 0
+
+    def __call__(self, **kw: Any) -> None:
+        if self._emit is None:
+            return
+        if not self._rendered:
+            self._emit(**kw)
+            return
+        line: str = self._emit(**kw)
+        if self._size + len(line) > self.limit:
+            self.flush()
+            if len(line) > self.limit:
+                self.sink.write(line)
+                return
+        self._buf.append(line)
+        self._size += len(line)
+
+    def flush(self) -> None:
+        """Write what is buffered (one ``write``)."""
+        if self._buf:
+            data = "".join(self._buf)
+            self._buf.clear()
+            self._size = 0
+            self.sink.write(data)
+
+
 class EventLog:
     """This process's event log.
 
@@ -183,6 +269,34 @@ class EventLog:
         """A logger whose events also carry *initial*."""
         return Logger(self, initial)
 
+    def hot_event(self, event: str, initial: Dict[str, Any], buffer: int = 0) -> HotEvent:
+        """A :class:`HotEvent` writing *event* at info level, for an event logged on a hot
+        path (``connection.closed``, once per connection).
+
+        In JSON it renders the line itself, as this log's structlog chain would (the
+        bound context, *initial* and the fields, then ``event``, ``level``, ``timestamp``
+        and ``pid``, with ``json.dumps``'s formatting, as structlog's ``JSONRenderer``)
+        without the chain's per-call cost, and keeps up to *buffer* bytes of lines before
+        writing them in one ``write`` (nginx's ``access_log ... buffer=``); in console
+        format it goes through structlog, unbuffered. Make it after :meth:`after_fork`
+        (the context and pid are taken now); below the level, it does nothing."""
+        if LEVELS["info"] < self.level:
+            return HotEvent(None, self.sink, 0)
+        if self.fmt == "console" or (self.fmt == "auto" and self.sink.isatty()):
+            logger = self.logger(**initial)
+            return HotEvent(lambda **kw: logger.info(event, **kw), self.sink, 0)
+        fixed = {**self.context, **initial}
+        head = json.dumps(fixed)[:-1] + ", " if fixed else "{"
+        tail = f'"event": {json.dumps(event)}, "level": "info", "timestamp": "'
+        pid_tail = f'Z", "pid": {os.getpid()}}}\n'
+        value, clock = _json_value, _Clock()
+
+        def render(**kw: Any) -> str:
+            fields = "".join(f'"{k}": {value(v)}, ' for k, v in kw.items())  # names are identifiers
+            return f"{head}{fields}{tail}{clock.now()}{pid_tail}"
+
+        return HotEvent(render, self.sink, buffer, rendered=True)
+
     def emit(self, method: str, event: str, kw: Dict[str, Any]) -> None:
         """Write one event at level *method* (what :class:`Logger` calls)."""
         if LEVELS[method] < self.level:
@@ -221,3 +335,7 @@ class Logger:
 
     def error(self, event: str, **kw: Any) -> None:
         self._log.emit("error", event, {**self._initial, **kw})
+
+    def hot(self, event: str, buffer: int = 0) -> HotEvent:
+        """:meth:`EventLog.hot_event` for *event* with this logger's fields."""
+        return self._log.hot_event(event, self._initial, buffer)

@@ -27,17 +27,20 @@ import selectors
 import signal
 import time
 from types import FrameType
-from typing import Any, Callable, Deque, Dict, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from . import reexec, status
 from .config import Config, credentials
 from .control import ControlServer
+from .counters import Counters
 from .daemon import Launcher
+from .endpoints import Endpoint
 from .handler import Handler
 from .health import Watchdog
 from .limits import raise_nofile_limit
 from .listeners import Listener, ListenerError, listener_specs, open_listeners, prebind
 from .log import EventLog
+from .metrics import Renderer, metrics_endpoint
 from .notify import Notifier
 from .pidfile import Pidfile, PidfileError, take_pidfile
 from .pool import Pool, Workers
@@ -90,14 +93,17 @@ class Master:
         self.sig_queue: Deque[int] = collections.deque()
         self.selector = selectors.DefaultSelector()
         self.notifier = Notifier()
+        self.counters = Counters(handover.counters if handover else ())
         self.reloader = Reloader(config_arg, self.selector, self.logger, self.notifier, self.commit_reload,
-                                 handover)
+                                 handover, self.counters)
         self.control = ControlServer(self.selector, self.status)
         self.pools: Dict[str, Pool] = {}
         self.listeners: Dict[str, Listener] = {}  # listener key -> listener
         self.pidfile: Optional[Pidfile] = None
         self.scoreboard = Scoreboard(handover.scoreboard_fd if handover else None)
-        self.workers = Workers(self.scoreboard, self.logger, config.supervisor.graceful_timeout)
+        self.workers = Workers(self.scoreboard, self.logger, config.supervisor.graceful_timeout, self.counters)
+        self.endpoints: List[Endpoint] = []  # listeners the master answers itself ([metrics])
+        self.renderer: Optional[Renderer] = None
         self.watchdog = Watchdog(self.workers, self.scoreboard, self.logger)
         self.wake_r = -1
         self.next_watchdog: Optional[float] = None  # monotonic seconds
@@ -139,11 +145,12 @@ class Master:
         self.pidfile = take_pidfile(self.config.supervisor.pidfile, self.pid, h.pidfile_fd if h else None,
                                     h.pidfile_path if h else "")
         self.workers.open_pipes(self.selector, (h.alive_r, h.alive_w) if h else None, self.generation, self.log,
-                                self.creds, self.config.supervisor.event_loop)
+                                self.creds, self.config.supervisor.event_loop, self.config.log.access)
         self.listeners = open_listeners(self.config, h.listeners if h else (), self.creds.socket_owner,
                                         self.logger)
         self.control.take_over(self.config.supervisor.control_socket, h.control_fd if h else None,
                                h.control_path if h else "", h.control_file_id if h else None)
+        self._open_endpoints()
         for svc in self.config.services:
             lsts = [self.listeners[s.key] for s in listener_specs(self.config) if s.service is svc]
             self.pools[svc.name] = Pool.create(svc, lsts, self.handlers.get(svc.name), self.scoreboard)
@@ -172,6 +179,8 @@ class Master:
         self.workers.kill_overdue(now)
         self.watchdog.check(self.pools, now)
         self.control.expire(now)
+        for endpoint in self.endpoints:
+            endpoint.tick(now)
         self._feed_watchdog(now)
         self.reloader.poll(now)
         if self.phase is Phase.STOPPING:
@@ -188,6 +197,8 @@ class Master:
             self._retire_replaced(now)
         if self.phase is Phase.RUNNING:
             self.reloader.start_if_pending()
+            if self.renderer is not None and not self.renderer.ready:
+                self.renderer.prepare()  # prometheus-client's import, once serving (not in a reload's way)
 
     # -- signals (docs/signals.md) -----------------------------------------------------
 
@@ -318,6 +329,8 @@ class Master:
         except ListenerError as exc:
             return str(exc)
         self.control.close_clients()
+        for endpoint in self.endpoints:
+            endpoint.close_clients()
         listeners = list(self.listeners.values()) + prebound
         for lst in listeners:
             lst.sock.setblocking(False)
@@ -331,7 +344,7 @@ class Master:
             pidfile_fd=self.pidfile.fd if self.pidfile else None,
             pidfile_path=self.pidfile.path if self.pidfile else "",
             control_fd=self.control.fileno(), control_path=self.control.path,
-            control_file_id=self.control.file_id)
+            control_file_id=self.control.file_id, counters=self.counters.handover())
         self.logger.info("config.reexec", generation=self.generation + 1, reload_seq=self.reloader.seq)
         error = reexec.reexec(handover, self.config_arg, text)
         for lst in prebound:
@@ -353,6 +366,7 @@ class Master:
         self.reloader.abort()
         for w in self.workers.all():
             self.workers.stop(w, graceful=graceful, reason=signame)
+        self._close_endpoints()
         for lst in self.listeners.values():  # no new clients: close our copies, remove socket files
             lst.close()
         self._report("ERROR stopped before it was ready")
@@ -365,6 +379,7 @@ class Master:
 
     def _cleanup(self) -> None:
         """Close listeners (unlinking our Unix socket files), the control socket, the pidfile."""
+        self._close_endpoints()
         for lst in self.listeners.values():
             try:
                 lst.close()
@@ -403,6 +418,7 @@ class Master:
             if pool.failures:
                 deadlines.append(now + 0.25)
         deadlines += self.workers.deadlines()
+        deadlines += [t for t in (ep.deadline() for ep in self.endpoints) if t is not None]
         deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.watchdog.deadline()) if t]
         return max(0.0, min(deadlines) - now)
 
@@ -412,5 +428,23 @@ class Master:
             pid=self.pid, state=self.phase.value, generation=self.generation, started_wall=self.started_wall,
             config=self.config.source, pidfile=self.pidfile.path if self.pidfile else "",
             reload=self.reloader.document(), pools=self.pools, old_workers=self.workers.old.values(),
-            scoreboard=self.scoreboard)
+            scoreboard=self.scoreboard, counters=self.counters,
+            endpoints=[lst for lst in self.listeners.values() if lst.role != "service"])
+
+    # -- endpoints the master answers itself -------------------------------------------
+
+    def _open_endpoints(self) -> None:
+        """Serve ``[metrics]`` on its listener (bound or adopted with the others)."""
+        for spec in listener_specs(self.config):
+            if spec.role == "metrics":
+                self.renderer = Renderer(self)
+                endpoint = metrics_endpoint(self.listeners[spec.key], self.selector, self.logger, self.renderer)
+                endpoint.start()
+                self.endpoints.append(endpoint)
+
+    def _close_endpoints(self) -> None:
+        """Stop answering on the endpoints (their listeners are closed with the others)."""
+        for endpoint in self.endpoints:
+            endpoint.close()
+        self.endpoints = []
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from .config import MAX_WORKERS, Credentials, ServiceConfig
+from .counters import Counters, exit_reason
 from .handler import Handler
 from .listeners import Listener, queue_length
 from .log import EventLog, Logger
@@ -65,6 +66,9 @@ class WorkerInfo:
     stopping: bool = False
     kill_at: Optional[float] = None
     stack_fd: int = -1  # memfd the worker's faulthandler writes its stack to (SIGUSR2); -1 = none
+    #: Why the master ended it, as preforkd_worker_exits_total counts it (stopped, max_rss,
+    #: timeout); "" while it was not told to stop.
+    ended_for: str = ""
 
     def handover(self) -> InheritedWorker:
         """This worker as the next image of the master will take it over."""
@@ -258,6 +262,8 @@ class Workers:
     scoreboard slots, stops workers, and kills those that overrun their stop timeout.
 
     :param graceful_timeout: seconds a worker told to stop gracefully may take.
+    :param counters: the master's running totals: a reaped worker's scoreboard counters
+        and its exit reason are added there.
     """
 
     #: Seconds a worker told to quit (INT, QUIT) has before SIGKILL.
@@ -267,8 +273,10 @@ class Workers:
     #: this many seconds later if it is still there.
     STOP_BACKSTOP = 1.0
 
-    def __init__(self, scoreboard: Scoreboard, logger: Logger, graceful_timeout: float) -> None:
+    def __init__(self, scoreboard: Scoreboard, logger: Logger, graceful_timeout: float,
+                 counters: Optional[Counters] = None) -> None:
         self.scoreboard = scoreboard
+        self.counters = counters if counters is not None else Counters()
         self.logger = logger
         self.graceful_timeout = graceful_timeout
         self.current: Dict[int, WorkerInfo] = {}
@@ -277,7 +285,7 @@ class Workers:
         self.alive_r = self.alive_w = self.ready_r = self.ready_w = -1
 
     def open_pipes(self, selector: selectors.BaseSelector, alive: Optional[Tuple[int, int]], generation: int,
-                   log: EventLog, credentials: Credentials, event_loop: str) -> None:
+                   log: EventLog, credentials: Credentials, event_loop: str, access_log: bool = False) -> None:
         """The master's two pipes to its workers: the master-alive pipe (only the master
         holds the write end, so end of file tells a worker the master is gone; *alive* is
         the inherited pair after a re-exec), and the ready pipe on which each worker
@@ -293,7 +301,7 @@ class Workers:
         selector.register(self.ready_r, selectors.EVENT_READ, self._on_ready)
         self.env = WorkerEnv(generation=generation, alive_fd=self.alive_r, ready_fd=self.ready_w, log=log,
                              master_pid=os.getpid(), graceful_timeout=self.graceful_timeout, credentials=credentials,
-                             event_loop=event_loop)
+                             event_loop=event_loop, access_log=access_log)
 
     def _on_ready(self, _mask: int) -> None:
         try:
@@ -351,9 +359,11 @@ class Workers:
         return info
 
     def pop(self, pid: int) -> Optional[WorkerInfo]:
-        """Forget a reaped worker and free its slot; ``None`` if it was not ours."""
+        """Forget a reaped worker and free its slot, keeping its counters in the
+        master's totals first; ``None`` if it was not ours."""
         info = self.current.pop(pid, None) or self.old.pop(pid, None)
         if info is not None:
+            self.counters.worker_gone(info.service, info.slot, self.scoreboard)
             self.scoreboard.release(info.slot)
             if info.stack_fd >= 0:
                 os.close(info.stack_fd)
@@ -375,6 +385,7 @@ class Workers:
             return None
         lifetime = round(now - info.started, 3)
         expected = info.stopping or everyone_stopping
+        self.counters.worker_exited(info.service, info.ended_for or exit_reason(how, expected, EXIT_INIT_FAILED))
         clean = how.get("exit_code") == 0
         log = self.logger.info if clean or expected else self.logger.warning
         log("worker.exited", service=info.service, worker=info.number, child=pid,
@@ -401,6 +412,7 @@ class Workers:
         if w.stopping and graceful:
             return
         w.stopping = True
+        w.ended_for = w.ended_for or ("max_rss" if reason == "max_rss" else "stopped")
         grace = self.graceful_timeout + self.STOP_BACKSTOP if graceful else self.QUICK_STOP_GRACE
         w.kill_at = time.monotonic() + grace
         kill_quietly(w.pid, signal.SIGTERM if graceful else signal.SIGQUIT)

@@ -73,10 +73,21 @@ class InheritedWorker:
 
 
 @dataclass(frozen=True)
+class Count:
+    """One of the master's running totals (:class:`preforkd.counters.Counters`):
+    ``name`` (``retired``, ``worker_exits``, ``reloads``), its ``labels`` in order,
+    and its ``value``."""
+
+    name: str
+    labels: Tuple[str, ...]
+    value: int
+
+
+@dataclass(frozen=True)
 class Handover:
     """Everything a re-exec'd master takes over from the image before it."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     generation: int  # the old image's; the new one is +1
     started_wall: float  # first start, wall clock (time.time()) seconds
@@ -93,6 +104,7 @@ class Handover:
     control_fd: Optional[int]
     control_path: str
     control_file_id: Optional[Tuple[int, int]]
+    counters: Tuple[Count, ...]  # the master's running totals (metrics never go backwards)
 
     def fds(self) -> List[int]:
         """Every descriptor that must survive ``execve``."""
@@ -100,7 +112,7 @@ class Handover:
         return fds + [fd for fd in (self.pidfile_fd, self.control_fd) if fd is not None]
 
     def encode(self) -> str:
-        """One line of JSON: ``{"version": 2, "generation": ..., ...}``."""
+        """One line of JSON: ``{"version": 3, "generation": ..., ...}``."""
         return json.dumps({"version": self.VERSION, **dataclasses.asdict(self)}, separators=(",", ":"))
 
     @classmethod

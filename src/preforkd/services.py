@@ -7,11 +7,14 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from .config import SAFE_PATH
 from .handler import Close, LineHandler, Reply
-from .log import Logger
+from .listeners import tcp_byte_counts
+from .log import HotEvent, Logger
+from .protocol import peer_text
+from .scoreboard import ERROR_CELL
 
 
 def echo(line: str) -> str:
@@ -53,18 +56,24 @@ class CommandService:
 
     :param idle_timeout: seconds the program may run; then its whole process group
         gets SIGTERM, and SIGKILL one second later.
+    :param cells: the worker's scoreboard slot, where a program that cannot start or
+        outlives *idle_timeout* is counted (:data:`preforkd.scoreboard.ERROR_CELL`).
     """
 
-    def __init__(self, argv: Sequence[str], idle_timeout: float, logger: Logger) -> None:
+    def __init__(self, argv: Sequence[str], idle_timeout: float, logger: Logger,
+                 cells: Optional[memoryview] = None) -> None:
         self.argv = list(argv)
         self.idle_timeout = idle_timeout
         self.logger = logger
+        self.cells = cells
         #: The process group (= pid) of the program serving the connection in hand; 0 = none.
         self.group = 0
 
-    def __call__(self, sock: socket.socket, peer_addr: Any) -> None:
-        """Serve one connection; returns when the program has exited. The caller closes
-        *sock*. Failures are logged, never raised."""
+    def __call__(self, sock: socket.socket, peer_addr: Any) -> str:
+        """Serve one connection; returns when the program has exited, with how the
+        connection ended: ``program_exited``, ``program_timeout`` (it outlived
+        ``idle_timeout`` and was killed) or ``exec_failed``. The caller closes *sock*.
+        Failures are logged, never raised."""
         argv, logger = self.argv, self.logger
         env = {"PATH": SAFE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")}
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -83,12 +92,14 @@ class CommandService:
                                     start_new_session=True, restore_signals=True)
         except OSError as exc:
             logger.error("command.exec_failed", command=argv[0], error=exc.strerror or str(exc))
-            return
+            return self._failed("exec_failed")
         self.group = proc.pid
         started = time.monotonic()
+        reason = "program_exited"
         try:
             proc.wait(timeout=self.idle_timeout)
         except subprocess.TimeoutExpired:
+            reason = self._failed("program_timeout")
             logger.warning("command.timeout", command=argv[0], child=proc.pid, timeout=self.idle_timeout)
             self.kill_group(signal.SIGTERM)
             try:
@@ -103,6 +114,12 @@ class CommandService:
         if rc != 0:
             logger.info("command.exited", command=argv[0], child=proc.pid, status=rc,
                         lifetime=round(time.monotonic() - started, 3))
+        return reason
+
+    def _failed(self, reason: str) -> str:
+        if self.cells is not None:
+            self.cells[ERROR_CELL[reason]] += 1
+        return reason
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         """Signal the process group of the program serving the connection in hand, if any
@@ -112,3 +129,20 @@ class CommandService:
                 os.killpg(self.group, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def logged_command(command: CommandService, log_closed: HotEvent) -> Callable[[socket.socket, Any], str]:
+    """*command* with one ``connection.closed`` event per connection (``[log] access``)
+    through *log_closed*.
+    The program owns the socket, so lines are not known (``null``) and the byte counts
+    come from the kernel's ``TCP_INFO`` (:func:`preforkd.listeners.tcp_byte_counts`;
+    ``null`` for a Unix-domain client). ``duration_ms``: monotonic clock."""
+    def serve_logged(sock: socket.socket, peer_addr: Any) -> str:
+        started = time.monotonic()
+        reason = command(sock, peer_addr)
+        counts = tcp_byte_counts(sock)
+        log_closed(peer=peer_text(peer_addr), duration_ms=round((time.monotonic() - started) * 1000, 3), lines=None,
+                   bytes_in=counts[0] if counts else None, bytes_out=counts[1] if counts else None, reason=reason)
+        return reason
+
+    return serve_logged

@@ -9,17 +9,21 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Iterable, List, Mapping
 
+from .counters import Counters
+from .listeners import Listener, queue_stats
 from .pool import Pool, WorkerInfo
 from .scoreboard import Scoreboard
 
 
 def document(*, pid: int, state: str, generation: int, started_wall: float, config: str, pidfile: str,
              reload: Dict[str, Any], pools: Mapping[str, Pool], old_workers: Iterable[WorkerInfo],
-             scoreboard: Scoreboard) -> Dict[str, Any]:
+             scoreboard: Scoreboard, counters: Counters, endpoints: Iterable[Listener] = ()) -> Dict[str, Any]:
     """The status document (a JSON-able dict).
 
     :param started_wall: the first start, wall clock (seconds since the epoch).
     :param old_workers: workers of earlier generations, still being retired.
+    :param counters: the master's running totals (connections served by exited workers).
+    :param endpoints: the listeners the master answers itself (``[metrics]``).
     """
     old = list(old_workers)
     services = []
@@ -27,6 +31,8 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
         workers = [_worker(w, scoreboard) for _, w in sorted(pool.workers.items())]
         workers += [_worker(w, scoreboard) for w in old if w.service == pool.name]
         census = pool.census(scoreboard)
+        slots = [w.slot for w in pool.workers.values()] + [w.slot for w in old if w.service == pool.name]
+        listeners = [_listener(lst) for lst in pool.listeners]
         services.append({
             "name": pool.name,
             "handler": pool.config.handler or None,
@@ -37,8 +43,9 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
                      "dynamic": pool.config.dynamic, "saturated": pool.saturated,
                      "worker_connections": pool.config.worker_connections,
                      "connections": sum(scoreboard.active(w.slot) for w in pool.workers.values())},
-            "listeners": [{"configured": str(lst.address), "address": lst.bound, "origin": lst.origin}
-                          for lst in pool.listeners],
+            "connections_total": counters.total(pool.name, "connections", slots, scoreboard),
+            "listen_queue": sum(lst["queue"] or 0 for lst in listeners),
+            "listeners": listeners,
             "backoff": {"failures": pool.failures, "last_failure": pool.last_failure} if pool.failures else None,
             "workers": workers,
         })
@@ -52,8 +59,16 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
         "pidfile": pidfile or None,
         "reload": reload,
         "services": services,
+        "endpoints": [{"role": lst.role, "configured": str(lst.address), "address": lst.bound, "origin": lst.origin}
+                      for lst in endpoints],
         "retiring_workers": [_worker(w, scoreboard) for w in old if w.service not in pools],
     }
+
+
+def _listener(lst: Listener) -> Dict[str, Any]:
+    stats = queue_stats(lst.sock)
+    return {"configured": str(lst.address), "address": lst.bound, "origin": lst.origin,
+            "queue": stats[0] if stats else None, "queue_limit": stats[1] if stats else None}
 
 
 def _worker(w: WorkerInfo, scoreboard: Scoreboard) -> Dict[str, Any]:
@@ -106,8 +121,12 @@ def render(st: Mapping[str, Any]) -> str:
         lines.append(f"  service {svc['name']} ({what}): {size} ({p.get('busy', 0)} busy, "
                      f"{p.get('idle', 0)} idle{', saturated' if p.get('saturated') else ''}){per}, "
                      f"{plural(p.get('connections', 0), 'connection')} open")
+        lines.append(f"    totals: {svc.get('connections_total', 0)} connections served, {p.get('busy', 0)} busy / "
+                     f"{p.get('idle', 0)} idle / {p.get('max', 0)} max workers, listen queue "
+                     f"{svc.get('listen_queue', 0)}")
         for lst in svc["listeners"]:
-            lines.append(f"    listen {lst['address']}")
+            queue = f" (queue {lst['queue']} of {lst['queue_limit']})" if lst.get("queue") is not None else ""
+            lines.append(f"    listen {lst['address']}{queue}")
         if svc.get("backoff"):
             lines.append(f"    back-off after {svc['backoff']['failures']} quick failures: "
                          f"{svc['backoff']['last_failure']}")
@@ -120,6 +139,8 @@ def render(st: Mapping[str, Any]) -> str:
                          f"rss {rss:<10} cpu {cpu}{call}")
     for w in st.get("retiring_workers", []):
         lines.append(f"  retiring worker pid {w['pid']} gen {w['generation']} {w['state']}")
+    for ep in st.get("endpoints", []):
+        lines.append(f"  {ep['role']} endpoint {ep['address']}")
     return "\n".join(lines)
 
 

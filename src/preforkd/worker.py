@@ -49,17 +49,18 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tupl
 
 from .config import Credentials, ServiceConfig
 from .handler import Handler
-from .log import EventLog, Logger
+from .log import HOT_BUFFER, EventLog, HotEvent, Logger
 from .protocol import connection_server
 from .scoreboard import ACTIVE, ARMED, CALL_SINCE, HEARTBEAT, SERVED, STATE, State
-from .services import CommandService
+from .services import CommandService, logged_command
 from .signals import WORKER_RESET
 
 EXIT_INIT_FAILED = 3
 EXIT_SETUP_FAILED = 4
-#: What serves one accepted connection: ``serve_one(sock, address)``; never raises for
-#: what the client or the handler did.
-ServeOne = Callable[[socket.socket, Any], None]
+#: What serves one accepted connection: ``serve_one(sock, address)``, returning how it
+#: ended (see :func:`preforkd.protocol.serve`); never raises for what the client or the
+#: handler did.
+ServeOne = Callable[[socket.socket, Any], Any]
 #: Accept errors that mean "out of resources, try again later", logged, not fatal.
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -76,6 +77,7 @@ class WorkerEnv:
     graceful_timeout: float  # seconds
     credentials: Credentials
     event_loop: str = "auto"  # for event-driven workers: auto | asyncio | uvloop
+    access_log: bool = False  # [log] access: one connection.closed event per connection
 
 
 @dataclass(frozen=True)
@@ -155,11 +157,13 @@ class Worker:
         self.reopen_log = False
         self.env = spec.env
         self.logger: Logger = spec.env.log.logger()
-        self.command = (CommandService(spec.service.command, spec.service.idle_timeout, self.logger)
+        self.command = (CommandService(spec.service.command, spec.service.idle_timeout, self.logger, spec.cells)
                         if spec.service.command else None)
         self.spares = (Spares(spec.idle_sem, spec.pool_cells, spec.service.min_spare_workers, spec.env.ready_fd)
                        if spec.idle_sem is not None and spec.pool_cells is not None else None)
         self.wake_r = -1
+        #: [log] access: connection.closed, buffered (flushed when idle, at exit, on USR1)
+        self.access: Optional[HotEvent] = None
 
     def stop_requested(self) -> bool:
         """TERM has arrived (a signal handler sets it at any bytecode boundary, which is
@@ -175,6 +179,8 @@ class Worker:
         _close_others([env.log.sink.fd, env.alive_fd, env.ready_fd, spec.stack_fd]
                       + [s.fileno() for s in self.listeners])
         env.log.after_fork(service=self.service.name, worker=spec.number, generation=env.generation)
+        if env.access_log:
+            self.access = self.logger.hot("connection.closed", HOT_BUFFER)
         set_title(f"preforkd: worker {self.service.name}#{spec.number}")
         drop_privileges(env.credentials)
         _set_pdeathsig(signal.SIGTERM)
@@ -198,6 +204,8 @@ class Worker:
             poller, servers = self._prepare_poll()
             self.announce_ready()
             code = self._serve(poller, servers)
+        if self.access is not None:
+            self.access.flush()
             spec.cells[STATE] = State.STOPPING
         if self.spares is not None:
             self.spares.leave()
@@ -235,12 +243,13 @@ class Worker:
         for sock in self.listeners:
             serve_one: ServeOne
             if self.command is not None:
-                serve_one = self.command
+                serve_one = logged_command(self.command, self.access) if self.access is not None else self.command
             else:
                 assert self.spec.handler is not None
                 serve_one = connection_server(self.spec.handler, self.service, self.logger,
                                               unix=sock.family == socket.AF_UNIX,
-                                              cells=self.spec.cells if self.service.timeout else None)
+                                              cells=self.spec.cells if self.service.timeout else None,
+                                              counters=self.spec.cells, access=self.access)
             poller.register(sock.fileno(), select.EPOLLIN | exclusive)
             servers[sock.fileno()] = (sock, serve_one)
         poller.register(self.env.alive_fd, select.EPOLLIN)
@@ -269,9 +278,12 @@ class Worker:
         poll = poller.poll
         watched = self.service.timeout > 0
         beat = self.service.timeout / 4 if watched else -1  # epoll_wait wakes to beat while idle
+        access = self.access
         while not self.stop_requested():
             if self.reopen_log:
                 self._reopen_log()
+            if access is not None:
+                access.flush()  # going idle: the access log's lines go out now
             events = poll(beat)
             if watched:
                 cells[HEARTBEAT] = time.monotonic_ns()
@@ -333,6 +345,8 @@ class Worker:
 
     def _reopen_log(self) -> None:
         self.reopen_log = False
+        if self.access is not None:
+            self.access.flush()  # into the file it was meant for
         self.env.log.reopen()
         self.logger.debug("log.reopened", file=self.env.log.sink.path or "stderr")
 
