@@ -62,16 +62,23 @@ class CommandService:
         #: The process group (= pid) of the program serving the connection in hand; 0 = none.
         self.group = 0
 
-    def __call__(self, sock: socket.socket, peer_addr: Any) -> None:
+    def __call__(self, sock: socket.socket, peer_addr: Any, local_addr: Any = None) -> None:
         """Serve one connection; returns when the program has exited. The caller closes
-        *sock*. Failures are logged, never raised."""
+        *sock*. Failures are logged, never raised.
+
+        :param peer_addr: the client's address: ``accept()``'s, or a PROXY protocol
+            header's (a ``(host, port)`` tuple is a TCP client, anything else a Unix one).
+        :param local_addr: the address the client connected to, from a PROXY protocol
+            header; ``None``: the socket's own (``getsockname``).
+        """
         argv, logger = self.argv, self.logger
         env = {"PATH": SAFE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")}
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+        if isinstance(peer_addr, tuple):
             env["PROTO"] = "TCP"
             env["TCPREMOTEIP"], env["TCPREMOTEPORT"] = _split(peer_addr)
             try:
-                env["TCPLOCALIP"], env["TCPLOCALPORT"] = _split(sock.getsockname())
+                local = local_addr if isinstance(local_addr, tuple) else sock.getsockname()
+                env["TCPLOCALIP"], env["TCPLOCALPORT"] = _split(local)
             except OSError:
                 pass
         else:

@@ -49,6 +49,7 @@ from .config import Credentials, ServiceConfig
 from .handler import Handler
 from .log import EventLog, Logger
 from .protocol import connection_server
+from .proxyproto import ProxyGate, header_timeout
 from .scoreboard import ACTIVE, ARMED, SERVED, STATE, State
 from .services import CommandService
 from .signals import WORKER_RESET
@@ -234,11 +235,18 @@ class Worker:
                 assert self.spec.handler is not None
                 serve_one = connection_server(self.spec.handler, self.service, self.logger,
                                               unix=sock.family == socket.AF_UNIX)
+            if self.service.proxy_protocol:
+                serve_one = self.proxy_gate().wrap(serve_one, with_local=self.command is not None)
             poller.register(sock.fileno(), select.EPOLLIN | exclusive)
             servers[sock.fileno()] = (sock, serve_one)
         poller.register(self.env.alive_fd, select.EPOLLIN)
         poller.register(self.wake_r, select.EPOLLIN)
         return poller, servers
+
+    def proxy_gate(self) -> ProxyGate:
+        """The PROXY protocol gate of this worker's service (``proxy_protocol``)."""
+        svc = self.service
+        return ProxyGate(svc.proxy_trusted, header_timeout(svc.idle_timeout), self.logger)
 
     def announce_ready(self) -> None:
         """Tell the master we accept (our pid on the report pipe, which stays open for
