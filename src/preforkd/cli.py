@@ -1,4 +1,4 @@
-"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,check}``.
+"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,check,drain,undrain}``.
 
 Exit statuses: 0 success; 1 failure (one line on stderr says why); ``status``
 returns 3 when the supervisor is not running (LSB init-script convention).
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", parents=[common], help="show the master, services and workers")
     sp.add_argument("--json", action="store_true", help="print the status document as JSON")
     sub.add_parser("check", parents=[common], help="validate the configuration and exit")
+    sub.add_parser("drain", parents=[common], help="take this host out of the load balancer's rotation "
+                                                  "(the agent-check says drain); keep serving")
+    sub.add_parser("undrain", parents=[common], help="put this host back into rotation")
     return p
 
 
@@ -76,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"preforkd: warning: {exc}", file=sys.stderr)
         config = fallback
     action = {"run": _run, "start": _start, "stop": _stop, "reload": _reload, "status": _status,
-              "check": _check}[command]
+              "check": _check, "drain": _drain, "undrain": _drain}[command]
     try:
         return action(Invocation(config, handlers, config_arg, args))
     except KeyboardInterrupt:
@@ -220,6 +223,26 @@ def _reload(inv: Invocation) -> int:
                 return EXIT_FAIL
     print(f"preforkd: reload not finished after {args.timeout:g} s", file=sys.stderr)
     return EXIT_FAIL
+
+
+def _drain(inv: Invocation) -> int:
+    """``drain`` / ``undrain``: the command of that name on the control socket."""
+    from .control import query
+
+    command, sock = inv.args.command, inv.config.supervisor.control_socket
+    try:
+        reply = json.loads(query(sock, command))
+    except (OSError, ValueError) as exc:
+        print(f"preforkd: {command}: cannot reach the control socket {sock}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if not isinstance(reply, dict) or "draining" not in reply:
+        print(f"preforkd: {command}: unexpected reply {reply!r}", file=sys.stderr)
+        return EXIT_FAIL
+    if reply["draining"]:
+        print("preforkd: draining (the agent-check says drain; connections are still served)")
+    else:
+        print("preforkd: in rotation (the agent-check says up)")
+    return EXIT_OK
 
 
 def _status(inv: Invocation) -> int:

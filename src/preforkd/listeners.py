@@ -261,13 +261,27 @@ def tune(listener: Listener, service: ServiceConfig) -> None:
 # -- the configured set --------------------------------------------------------
 
 
+#: ``listen(2)`` backlog of the master's own endpoints (the agent-check).
+ENDPOINT_BACKLOG = 128
+
+
 @dataclass(frozen=True)
 class ListenerSpec:
-    """One configured listener and the key it is known by across reloads."""
+    """One configured listener and the key it is known by across reloads: a service's
+    (``role`` ``"service"``), or one the master answers itself (``service`` ``None``,
+    ``role`` ``"agent_check"``)."""
 
     key: str
     address: Address
-    service: ServiceConfig
+    service: Optional[ServiceConfig]
+    role: str = "service"
+
+    def bind(self, owner: Tuple[int, int]) -> Listener:
+        """Bind this listener with its service's options (see :func:`bind`)."""
+        svc = self.service
+        if svc is None:
+            return bind(self.address, ENDPOINT_BACKLOG)
+        return bind(self.address, svc.backlog, svc.socket_mode, svc.reuse_port, owner)
 
 
 def listener_specs(config: Config) -> List[ListenerSpec]:
@@ -276,7 +290,8 @@ def listener_specs(config: Config) -> List[ListenerSpec]:
     A fixed address is its own key (``tcp://127.0.0.1:7000``); an ephemeral one
     (port 0) is not unique, so its key also names the service and its place among
     that service's identical entries (``tcp://127.0.0.1:0@echo#0``): the port it
-    got is kept across reloads as long as that entry stays.
+    got is kept across reloads as long as that entry stays. The agent-check listener
+    comes last, keyed the same way (``tcp://127.0.0.1:0@agent_check``).
     """
     out = []
     for svc in config.services:
@@ -288,6 +303,10 @@ def listener_specs(config: Config) -> List[ListenerSpec]:
                 seen[text] = n + 1
                 text = f"{text}@{svc.name}#{n}"
             out.append(ListenerSpec(key=text, address=addr, service=svc))
+    agent = config.supervisor.agent_check
+    if agent is not None:
+        text = str(agent) if agent.identity() is not None else f"{agent}@agent_check"
+        out.append(ListenerSpec(key=text, address=agent, service=None, role="agent_check"))
     return out
 
 
@@ -338,13 +357,16 @@ def open_listeners(config: Config, inherited: Sequence[InheritedListener], owner
     out: Dict[str, Listener] = {}
     try:
         for key, spec in specs.items():
-            lst = found.get(key) or bind(spec.address, spec.service.backlog, spec.service.socket_mode,
-                                         spec.service.reuse_port, owner)
+            lst = found.get(key) or spec.bind(owner)
             lst.key = key
             out[key] = lst
-            tune(lst, spec.service)
-            logger.info("listener.bound", service=spec.service.name, address=lst.bound,
-                        configured=str(lst.address), origin=lst.origin)
+            if spec.service is not None:
+                tune(lst, spec.service)
+                logger.info("listener.bound", service=spec.service.name, address=lst.bound,
+                            configured=str(lst.address), origin=lst.origin, role=spec.role)
+            else:
+                logger.info("listener.bound", address=lst.bound, configured=str(lst.address), origin=lst.origin,
+                            role=spec.role)
     except ListenerError:
         for lst in {**found, **out}.values():
             lst.close()
@@ -362,8 +384,7 @@ def prebind(config: Config, have: Set[str], owner: Tuple[int, int]) -> List[List
     try:
         for spec in listener_specs(config):
             if spec.key not in have:
-                lst = bind(spec.address, spec.service.backlog, spec.service.socket_mode,
-                           spec.service.reuse_port, owner)
+                lst = spec.bind(owner)
                 lst.key = spec.key
                 out.append(lst)
     except ListenerError:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import json
 import os
 import selectors
 import signal
@@ -30,6 +31,7 @@ from types import FrameType
 from typing import Any, Deque, Dict, Optional
 
 from . import reexec, status
+from .agent import AgentEndpoint, reply, spare_percent
 from .config import Config, credentials
 from .control import ControlServer
 from .daemon import Launcher
@@ -88,7 +90,8 @@ class Master:
         self.notifier = Notifier()
         self.reloader = Reloader(config_arg, self.selector, self.logger, self.notifier, self.commit_reload,
                                  handover)
-        self.control = ControlServer(self.selector, self.status)
+        self.control = ControlServer(self.selector, self.status, {"drain": self.drain, "undrain": self.undrain})
+        self.agent = AgentEndpoint(self.selector, self.agent_reply)
         self.pools: Dict[str, Pool] = {}
         self.listeners: Dict[str, Listener] = {}  # listener key -> listener
         self.pidfile: Optional[Pidfile] = None
@@ -97,6 +100,10 @@ class Master:
         self.wake_r = -1
         self.next_watchdog: Optional[float] = None  # monotonic seconds
         self.log_deadline = time.monotonic() + LOG_DEFER_MAX  # monotonic seconds
+        #: Out of rotation by the operator (``preforkd drain``); crosses reloads.
+        self.drained = handover.drained if handover else False
+        #: TERM with ``drain_delay``: when the graceful stop begins (monotonic seconds).
+        self.stop_at: Optional[float] = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -135,9 +142,13 @@ class Master:
                                         self.logger)
         self.control.take_over(self.config.supervisor.control_socket, h.control_fd if h else None,
                                h.control_path if h else "", h.control_file_id if h else None)
+        specs = listener_specs(self.config)
         for svc in self.config.services:
-            lsts = [self.listeners[s.key] for s in listener_specs(self.config) if s.service is svc]
+            lsts = [self.listeners[s.key] for s in specs if s.service is svc]
             self.pools[svc.name] = Pool.create(svc, lsts, self.handlers.get(svc.name), self.scoreboard)
+        for spec in specs:
+            if spec.role == "agent_check":
+                self.agent.serve(self.listeners[spec.key])
         for inherited in h.workers if h else ():
             w = self.workers.inherit(inherited)
             if w.service not in self.pools:
@@ -164,6 +175,8 @@ class Master:
         self.control.expire(now)
         self._feed_watchdog(now)
         self.reloader.poll(now)
+        if self.stop_at is not None and now >= self.stop_at and self.phase is not Phase.STOPPING:
+            self.begin_stop(graceful=True, signame="SIGTERM")
         if self.phase is Phase.STOPPING:
             if not self.workers:
                 self._finish_stop()
@@ -176,7 +189,7 @@ class Master:
             self._become_ready()
         elif self.phase is Phase.RELOADING:
             self._retire_replaced()
-        if self.phase is Phase.RUNNING:
+        if self.phase is Phase.RUNNING and self.stop_at is None:
             self.reloader.start_if_pending()
 
     # -- signals (docs/signals.md) -----------------------------------------------------
@@ -192,7 +205,16 @@ class Master:
             self.reloader.request()
 
     def handle_term(self) -> None:
-        """Graceful stop."""
+        """Graceful stop; with ``drain_delay``, first that many seconds of draining, in
+        which everything goes on serving and accepting but the agent says ``drain`` (a
+        second TERM cuts it short)."""
+        delay = self.config.supervisor.drain_delay
+        if delay > 0 and self.stop_at is None and self.phase in (Phase.RUNNING, Phase.RELOADING):
+            self.stop_at = time.monotonic() + delay
+            self.reloader.abort()  # no re-exec while draining: the new image would not know
+            self.logger.info("supervisor.draining", reason="SIGTERM", drain_delay=delay)
+            self.notifier.status(f"draining for {delay:g} s, then stopping")
+            return
         self.begin_stop(graceful=True, signame="SIGTERM")
 
     def handle_int(self) -> None:
@@ -226,6 +248,34 @@ class Master:
         if self.phase is not Phase.STOPPING:
             for pool in self.pools.values():
                 pool.resize(delta, self.logger)
+
+    # -- draining (docs/scale-out.md) ---------------------------------------------------
+
+    def drain(self) -> str:
+        """Control command ``drain``: out of rotation (the agent says ``drain``), still
+        serving. Returns the reply line (JSON)."""
+        if not self.drained:
+            self.drained = True
+            self.logger.info("supervisor.draining", reason="control")
+        return json.dumps({"draining": True})
+
+    def undrain(self) -> str:
+        """Control command ``undrain``: back in rotation, unless a TERM's drain is under way."""
+        if self.drained:
+            self.drained = False
+            self.logger.info("supervisor.undrained", reason="control")
+        return json.dumps({"draining": self.draining})
+
+    def agent_reply(self) -> str:
+        """The agent-check's line now (:mod:`preforkd.agent`): ``down`` once stopping,
+        ``drain`` while draining, else ``up ready N%`` with N the spare capacity."""
+        return reply(self.phase is Phase.STOPPING, self.draining,
+                     spare_percent(self.pools.values(), self.scoreboard))
+
+    @property
+    def draining(self) -> bool:
+        """Out of rotation: drained by the operator, or in a TERM's ``drain_delay``."""
+        return self.drained or self.stop_at is not None
 
     # -- children ----------------------------------------------------------------------
 
@@ -306,7 +356,7 @@ class Master:
             pidfile_fd=self.pidfile.fd if self.pidfile else None,
             pidfile_path=self.pidfile.path if self.pidfile else "",
             control_fd=self.control.fileno(), control_path=self.control.path,
-            control_file_id=self.control.file_id)
+            control_file_id=self.control.file_id, drained=self.drained)
         self.logger.info("config.reexec", generation=self.generation + 1, reload_seq=self.reloader.seq)
         error = reexec.reexec(handover, self.config_arg, text)
         for lst in prebound:
@@ -329,7 +379,8 @@ class Master:
         for w in self.workers.all():
             self.workers.stop(w, graceful=graceful, reason=signame)
         for lst in self.listeners.values():  # no new clients: close our copies, remove socket files
-            lst.close()
+            if lst is not self.agent.listener:  # the agent says "down" until the master exits
+                lst.close()
         self._report("ERROR stopped before it was ready")
 
     def _finish_stop(self) -> None:
@@ -378,16 +429,20 @@ class Master:
             if pool.failures:
                 deadlines.append(now + 0.25)
         deadlines += self.workers.deadlines()
-        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline()) if t is not None]
+        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.stop_at) if t is not None]
         return max(0.0, min(deadlines) - now)
 
     def status(self) -> Dict[str, Any]:
         """The status document served on the control socket (:mod:`preforkd.status`)."""
+        draining_to_stop = self.stop_at is not None and self.phase is not Phase.STOPPING
+        agent = self.agent.listener
         return status.document(
-            pid=self.pid, state=self.phase.value, generation=self.generation, started_wall=self.started_wall,
+            pid=self.pid, state="draining" if draining_to_stop else self.phase.value, draining=self.draining,
+            generation=self.generation, started_wall=self.started_wall,
             config=self.config.source, pidfile=self.pidfile.path if self.pidfile else "",
             reload=self.reloader.document(), pools=self.pools, old_workers=self.workers.old.values(),
-            scoreboard=self.scoreboard)
+            scoreboard=self.scoreboard,
+            agent_check={"address": agent.bound, "reply": self.agent_reply()} if agent is not None else None)
 
 
 def _set_title(title: str) -> None:

@@ -76,7 +76,7 @@ class InheritedWorker:
 class Handover:
     """Everything a re-exec'd master takes over from the image before it."""
 
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     generation: int  # the old image's; the new one is +1
     started_wall: float  # first start, wall clock (time.time()) seconds
@@ -93,6 +93,7 @@ class Handover:
     control_fd: Optional[int]
     control_path: str
     control_file_id: Optional[Tuple[int, int]]
+    drained: bool = False  # taken out of rotation with ``preforkd drain`` (the agent says "drain")
 
     def fds(self) -> List[int]:
         """Every descriptor that must survive ``execve``."""
@@ -100,7 +101,7 @@ class Handover:
         return fds + [fd for fd in (self.pidfile_fd, self.control_fd) if fd is not None]
 
     def encode(self) -> str:
-        """One line of JSON: ``{"version": 2, "generation": ..., ...}``."""
+        """One line of JSON: ``{"version": 3, "generation": ..., ...}``."""
         return json.dumps({"version": self.VERSION, **dataclasses.asdict(self)}, separators=(",", ":"))
 
     @classmethod
