@@ -5,6 +5,10 @@ need=""
 command -v socat >/dev/null 2>&1 || need="$need socat"
 command -v systemd-socket-activate >/dev/null 2>&1 || need="$need systemd"
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+# The scale-out tests run the real HAProxy (tests/test_haproxy.py); the container test
+# runs preforkd as PID 1 of its own PID namespace with unshare (tests/test_container.py).
+command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need="$need haproxy"
+command -v unshare >/dev/null 2>&1 || need="$need util-linux"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test tools:$need"
