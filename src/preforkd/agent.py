@@ -16,26 +16,29 @@ preforkd answers, by its state:
   HAProxy sends no new clients, those it has keep being served;
 * ``down #stopping`` once the graceful stop has begun.
 
-:class:`AgentEndpoint` serves the line from inside the master's loop without ever
-blocking it: the listening socket is non-blocking and watched by the master's
-selector; each connection gets its line with one ``send`` (a reply of a few dozen
-bytes always fits a fresh socket's empty send buffer) and is closed at once, after
-discarding anything the agent sent (``agent-send``), so that the close is a FIN, not
-a reset.
+The master serves the line with a :class:`preforkd.endpoints.Endpoint` (role
+``agent_check``, :func:`endpoint`): from its own selector, without ever blocking its
+loop; the reply goes out as soon as the connection is accepted (the agent asks
+nothing), then a half-close and a lingering read of whatever ``agent-send`` sent,
+until HAProxy closes.
 """
 
 from __future__ import annotations
 
-import errno
 import selectors
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
+from .endpoints import Endpoint
 from .listeners import Listener
+from .log import Logger
 from .pool import Pool
 from .scoreboard import Scoreboard
 
-#: Connections answered per wake-up at most (the master has other work too).
-ACCEPT_BATCH = 64
+#: Seconds an agent connection may stay open in all (HAProxy reads its line and
+#: closes at once; its ``timeout check`` is usually a second or two).
+AGENT_TIMEOUT = 5.0
+#: Agent connections held at once (one per HAProxy per check interval is the norm).
+AGENT_CLIENTS = 16
 
 
 def spare_percent(pools: Iterable[Pool], scoreboard: Scoreboard) -> int:
@@ -67,51 +70,13 @@ def reply(stopping: bool, draining: bool, spare: int) -> str:
     return f"up ready {max(1, spare)}%"
 
 
-class AgentEndpoint:
-    """The agent-check listener, served in the master's loop.
+def endpoint(listener: Listener, selector: selectors.BaseSelector, answer: Callable[[], str],
+             logger: Logger) -> Endpoint:
+    """The agent-check endpoint on *listener*: *answer()* (one line, no CR LF) is sent
+    with LF as soon as a connection is accepted. Call :meth:`Endpoint.start`."""
 
-    :param answer: what to say now (called once per connection; must not block).
-    """
+    def respond(_request: bytes) -> bytes:
+        return (answer() + "\n").encode("ascii")
 
-    def __init__(self, selector: selectors.BaseSelector, answer: Callable[[], str]) -> None:
-        self.selector = selector
-        self.answer = answer
-        self.listener: Optional[Listener] = None
-
-    def serve(self, listener: Listener) -> None:
-        """Answer on *listener* (bound or adopted, non-blocking) from now on."""
-        self.listener = listener
-        listener.sock.setblocking(False)
-        self.selector.register(listener.sock, selectors.EVENT_READ, self._on_accept)
-
-    def _on_accept(self, _mask: int) -> None:
-        assert self.listener is not None
-        lsock = self.listener.sock
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _addr = lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED):
-                    return  # HAProxy asks again at its next agent-inter
-                raise
-            with conn:
-                conn.setblocking(False)
-                try:
-                    conn.send((self.answer() + "\n").encode("ascii"))
-                    while conn.recv(4096):  # whatever agent-send sent: read, so the close is a FIN
-                        pass
-                except OSError:
-                    pass  # gone already, or nothing (more) to read
-
-    def close(self) -> None:
-        """Stop answering and close the listener."""
-        if self.listener is None:
-            return
-        try:
-            self.selector.unregister(self.listener.sock)
-        except (KeyError, ValueError):
-            pass
-        self.listener.close()
-        self.listener = None
+    return Endpoint("agent_check", listener, selector, respond, logger, terminators=(),
+                    timeout=AGENT_TIMEOUT, max_clients=AGENT_CLIENTS)

@@ -30,11 +30,11 @@ import time
 from types import FrameType
 from typing import Any, Deque, Dict, Optional
 
-from . import reexec, status
-from .agent import AgentEndpoint, reply, spare_percent
+from . import agent, reexec, status
 from .config import Config, credentials
 from .control import ControlServer
 from .daemon import Launcher
+from .endpoints import Endpoint
 from .handler import Handler
 from .limits import raise_nofile_limit
 from .listeners import Listener, ListenerError, listener_specs, open_listeners, prebind
@@ -91,7 +91,7 @@ class Master:
         self.reloader = Reloader(config_arg, self.selector, self.logger, self.notifier, self.commit_reload,
                                  handover)
         self.control = ControlServer(self.selector, self.status, {"drain": self.drain, "undrain": self.undrain})
-        self.agent = AgentEndpoint(self.selector, self.agent_reply)
+        self.agent: Optional[Endpoint] = None  # the agent-check endpoint, when configured
         self.pools: Dict[str, Pool] = {}
         self.listeners: Dict[str, Listener] = {}  # listener key -> listener
         self.pidfile: Optional[Pidfile] = None
@@ -148,7 +148,8 @@ class Master:
             self.pools[svc.name] = Pool.create(svc, lsts, self.handlers.get(svc.name), self.scoreboard)
         for spec in specs:
             if spec.role == "agent_check":
-                self.agent.serve(self.listeners[spec.key])
+                self.agent = agent.endpoint(self.listeners[spec.key], self.selector, self.agent_reply, self.logger)
+                self.agent.start()
         for inherited in h.workers if h else ():
             w = self.workers.inherit(inherited)
             if w.service not in self.pools:
@@ -173,6 +174,8 @@ class Master:
         now = time.monotonic()
         self.workers.kill_overdue(now)
         self.control.expire(now)
+        if self.agent is not None:
+            self.agent.tick(now)
         self._feed_watchdog(now)
         self.reloader.poll(now)
         if self.stop_at is not None and now >= self.stop_at and self.phase is not Phase.STOPPING:
@@ -269,8 +272,8 @@ class Master:
     def agent_reply(self) -> str:
         """The agent-check's line now (:mod:`preforkd.agent`): ``down`` once stopping,
         ``drain`` while draining, else ``up ready N%`` with N the spare capacity."""
-        return reply(self.phase is Phase.STOPPING, self.draining,
-                     spare_percent(self.pools.values(), self.scoreboard))
+        return agent.reply(self.phase is Phase.STOPPING, self.draining,
+                           agent.spare_percent(self.pools.values(), self.scoreboard))
 
     @property
     def draining(self) -> bool:
@@ -343,6 +346,8 @@ class Master:
         except ListenerError as exc:
             return str(exc)
         self.control.close_clients()
+        if self.agent is not None:
+            self.agent.close_clients()  # their sockets are not handed over
         listeners = list(self.listeners.values()) + prebound
         for lst in listeners:
             lst.sock.setblocking(False)
@@ -379,7 +384,7 @@ class Master:
         for w in self.workers.all():
             self.workers.stop(w, graceful=graceful, reason=signame)
         for lst in self.listeners.values():  # no new clients: close our copies, remove socket files
-            if lst is not self.agent.listener:  # the agent says "down" until the master exits
+            if self.agent is None or lst is not self.agent.listener:  # the agent says "down" until the end
                 lst.close()
         self._report("ERROR stopped before it was ready")
 
@@ -391,6 +396,8 @@ class Master:
 
     def _cleanup(self) -> None:
         """Close listeners (unlinking our Unix socket files), the control socket, the pidfile."""
+        if self.agent is not None:
+            self.agent.close()
         for lst in self.listeners.values():
             try:
                 lst.close()
@@ -429,20 +436,22 @@ class Master:
             if pool.failures:
                 deadlines.append(now + 0.25)
         deadlines += self.workers.deadlines()
-        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.stop_at) if t is not None]
+        endpoint = self.agent.deadline() if self.agent is not None else None
+        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.stop_at, endpoint)
+                      if t is not None]
         return max(0.0, min(deadlines) - now)
 
     def status(self) -> Dict[str, Any]:
         """The status document served on the control socket (:mod:`preforkd.status`)."""
         draining_to_stop = self.stop_at is not None and self.phase is not Phase.STOPPING
-        agent = self.agent.listener
+        endpoint = self.agent.listener if self.agent is not None else None
         return status.document(
             pid=self.pid, state="draining" if draining_to_stop else self.phase.value, draining=self.draining,
             generation=self.generation, started_wall=self.started_wall,
             config=self.config.source, pidfile=self.pidfile.path if self.pidfile else "",
             reload=self.reloader.document(), pools=self.pools, old_workers=self.workers.old.values(),
             scoreboard=self.scoreboard,
-            agent_check={"address": agent.bound, "reply": self.agent_reply()} if agent is not None else None)
+            agent_check={"address": endpoint.bound, "reply": self.agent_reply()} if endpoint is not None else None)
 
 
 def _set_title(title: str) -> None:
