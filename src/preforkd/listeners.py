@@ -13,6 +13,7 @@ socket file this supervisor created (same device and inode) is ever unlinked.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import stat
@@ -24,6 +25,10 @@ from .addresses import Address
 from .config import Config, ServiceConfig
 from .log import Logger
 from .reexec import InheritedListener
+
+#: Seconds a PROXY protocol header may take (kept equal to
+#: :data:`preforkd.proxyproto.HEADER_TIMEOUT`, which imports this module).
+PROXY_HEADER_TIMEOUT = 5.0
 
 
 class ListenerError(Exception):
@@ -252,10 +257,20 @@ def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
 def tune(listener: Listener, service: ServiceConfig) -> None:
     """Set what accepted TCP connections inherit from *listener*: ``TCP_NODELAY`` and
     *service*'s ``idle_timeout``. Unix connections inherit neither; workers set the
-    timeouts on those themselves."""
+    timeouts on those themselves.
+
+    A ``proxy_protocol`` service's TCP listener also gets ``TCP_DEFER_ACCEPT`` (tcp(7),
+    nginx's ``deferred``): the balancer always speaks first (the header), so a
+    connection is handed to a worker once its first bytes are in, not before, and the
+    worker reads its header without waiting. The value, in seconds, is the header
+    timeout rounded up; after it the kernel hands the connection over anyway, and the
+    worker's own header timeout ends it. Any other listener gets 0 (off), so a reload
+    that turns ``proxy_protocol`` off turns it off on an inherited socket too."""
     if not listener.is_unix:
         listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeouts(listener.sock, service.idle_timeout)
+        defer = math.ceil(min(PROXY_HEADER_TIMEOUT, service.idle_timeout)) if service.proxy_protocol else 0
+        listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
 
 
 # -- the configured set --------------------------------------------------------

@@ -32,13 +32,13 @@ without a client address: the connection keeps its real addresses (sections 2.1 
 from __future__ import annotations
 
 import ipaddress
+import select
 import socket
 import struct
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
-from .listeners import set_recv_timeout
+from .listeners import PROXY_HEADER_TIMEOUT
 from .log import Logger
 
 #: Version 2's 12-byte signature (section 2.2).
@@ -57,7 +57,7 @@ V2_MAX = V2_FIXED + 0xFFFF
 PEEK_SIZE = 536
 #: Seconds a header may take to arrive whole, at most (section 2: "at least 3 seconds
 #: to cover a TCP retransmit"); a service's ``idle_timeout`` when that is shorter.
-HEADER_TIMEOUT = 5.0
+HEADER_TIMEOUT = PROXY_HEADER_TIMEOUT
 
 _V2_ADDRESS_BYTES = {1: 12, 2: 36, 3: 216}  # AF_INET, AF_INET6, AF_UNIX (section 2.2)
 _V2_FAMILY_NAMES = {1: "TCP4", 2: "TCP6", 3: "UNIX"}
@@ -72,8 +72,7 @@ class ProxyError(ValueError):
     is the reason ``proxy.rejected`` logs."""
 
 
-@dataclass(frozen=True)
-class ProxyHeader:
+class ProxyHeader(NamedTuple):
     """One parsed header.
 
     ``version`` is 1 or 2; ``command`` ``"proxy"`` or ``"local"`` (v1 headers are all
@@ -142,9 +141,9 @@ def _parse_v2(data: bytes) -> Optional[ProxyHeader]:
     else:
         size = 4 if family == 1 else 16
         sport, dport = _PORTS.unpack_from(block, 2 * size)
-        make = ipaddress.IPv4Address if family == 1 else ipaddress.IPv6Address
-        source = (str(make(block[:size])), sport)
-        dest = (str(make(block[size:2 * size])), dport)
+        af = socket.AF_INET if family == 1 else socket.AF_INET6
+        source = (socket.inet_ntop(af, block[:size]), sport)  # as accept() would write them
+        dest = (socket.inet_ntop(af, block[size:2 * size]), dport)
     return ProxyHeader(2, "proxy", _V2_FAMILY_NAMES[family], source, dest, total)
 
 
@@ -199,17 +198,16 @@ def _v1_address(raw: bytes, six: bool) -> str:
     """An address in the canonical form of section 2.1: dotted quad without leading
     zeros, or IPv6 hex groups with at most one ``::`` (no embedded IPv4, no zone)."""
     text = raw.decode("ascii", "replace")
+    af = socket.AF_INET6 if six else socket.AF_INET
     try:
-        if six:
-            if not raw or not all(c in b"0123456789abcdefABCDEF:" for c in raw):
-                raise ValueError(text)
-            return str(ipaddress.IPv6Address(text))
-        addr = ipaddress.IPv4Address(text)
-    except ValueError:
+        if six and raw.translate(None, b"0123456789abcdefABCDEF:"):
+            raise ValueError(text)  # no embedded IPv4, no zone: hex groups and colons only
+        canonical = socket.inet_ntop(af, socket.inet_pton(af, text))
+    except (ValueError, OSError):
         raise ProxyError(f"v1 header with a bad {'TCP6' if six else 'TCP4'} address {text[:45]!r}") from None
-    if str(addr) != text:
+    if not six and canonical != text:  # leading zeros (octal confusion) are refused
         raise ProxyError(f"v1 header with a non-canonical address {text[:45]!r}")
-    return text
+    return canonical
 
 
 def _v1_port(raw: bytes) -> int:
@@ -227,9 +225,10 @@ def read_header(sock: socket.socket, timeout: float) -> ProxyHeader:
     before the header is complete; nothing after it is consumed).
 
     The usual case is one ``recv(MSG_PEEK | MSG_DONTWAIT)`` and one ``recv`` of the
-    header's length. When the header is not all there yet, the bytes seen so far are
-    taken (they are all header) and the next peek waits, under ``SO_RCVTIMEO``, for
-    what is left of *timeout*; the socket's own receive timeout is put back after.
+    header's length (a ``proxy_protocol`` TCP listener has ``TCP_DEFER_ACCEPT``, so a
+    connection is accepted once its first bytes are in). When the header is not all
+    there yet, the bytes seen so far are taken (they are all header) and ``poll(2)``
+    waits for more, for what is left of *timeout*.
 
     :param timeout: seconds from now (monotonic clock) for the whole header.
     :raises ProxyError: malformed, incomplete at end of input, or late.
@@ -237,38 +236,30 @@ def read_header(sock: socket.socket, timeout: float) -> ProxyHeader:
     """
     buf = b""
     flags = socket.MSG_PEEK | socket.MSG_DONTWAIT
-    deadline = 0.0  # monotonic seconds; 0 until the first peek found too little
-    saved: Optional[bytes] = None
-    try:
-        while True:
-            try:
-                data = sock.recv(PEEK_SIZE, flags)
-            except (BlockingIOError, TimeoutError):
-                data = None
-            if data is not None:
-                if not data:
-                    raise ProxyError("connection closed before a complete header" if buf else
-                                     "connection closed without a header")
-                header = parse(buf + data)
-                if header is not None:
-                    _take(sock, header.length - len(buf))
-                    return header
-                buf += _take(sock, len(data))  # all of it is header: consume, then wait for more
-            now = time.monotonic()
-            if not deadline:
-                deadline = now + timeout
-                saved = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16)
-                flags = socket.MSG_PEEK
-            left = deadline - now
-            if left <= 0:
-                raise ProxyError(f"no complete header within {timeout:g} s")
-            set_recv_timeout(sock, left)
-    finally:
-        if saved is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, saved)
-            except OSError:
-                pass
+    deadline = 0.0  # monotonic seconds; set when the header was not all there at once
+    poller: Optional[select.poll] = None
+    while True:
+        try:
+            data = sock.recv(PEEK_SIZE, flags)
+        except BlockingIOError:
+            data = None
+        if data is not None:
+            if not data:
+                raise ProxyError("connection closed before a complete header" if buf else
+                                 "connection closed without a header")
+            header = parse(buf + data)
+            if header is not None:
+                _take(sock, header.length - len(buf))
+                return header
+            buf += _take(sock, len(data))  # all of it is header: consume, then wait for more
+        now = time.monotonic()
+        if poller is None:
+            deadline = now + timeout
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+        left = deadline - now
+        if left <= 0 or not poller.poll(max(1, int(left * 1000 + 0.999))):
+            raise ProxyError(f"no complete header within {timeout:g} s")
 
 
 def _take(sock: socket.socket, n: int) -> bytes:
