@@ -58,7 +58,7 @@ from .protocol import (
     encode_reply,
 )
 from .proxyproto import ProxyError, parse
-from .scoreboard import ACTIVE, SERVED, STATE, State
+from .scoreboard import ACTIVE, ERROR_CELL, SERVED, STATE, State
 
 if TYPE_CHECKING:  # pragma: no cover
     from .worker import Worker
@@ -202,6 +202,8 @@ class EventServer:
         self.call_line = _line_caller(self.handler.kind, self.handler.target)
         #: A ``proxy_protocol`` service's gate: each connection's first bytes are its header.
         self.gate = worker.proxy_gate() if svc.proxy_protocol else None
+        #: [log] access: connections that count what they do and log connection.closed
+        self.connection_class = CountingLineConnection if worker.env.access_log else LineConnection
 
     # -- life ---------------------------------------------------------------------------
 
@@ -284,7 +286,7 @@ class EventServer:
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = LineConnection(self, addr, proxied=self.gate is not None)
+            conn = self.connection_class(self, addr, proxied=self.gate is not None)
             self._opened(conn)
             task = self.loop.create_task(self.loop.connect_accepted_socket(conn.itself, sock))
             task.add_done_callback(functools.partial(self._attached, conn=conn, sock=sock))
@@ -459,7 +461,8 @@ class LineConnection(asyncio.Protocol):
             self._send(out, reply)
             self._flush(out)
 
-    def data_received(self, data: bytes) -> None:
+    def _receive(self, data: bytes) -> None:
+        """asyncio's ``data_received`` (the same function: no extra call per read)."""
         if self._closing:
             self._discard(len(data))
             return
@@ -507,6 +510,8 @@ class LineConnection(asyncio.Protocol):
         else:
             self._line_started = 0.0
 
+    data_received = _receive
+
     def eof_received(self) -> bool:
         self._eof = True
         if self._header is not None:
@@ -517,7 +522,7 @@ class LineConnection(asyncio.Protocol):
             self._close_now()
             return False
         if self._buf:  # a last line without terminator counts
-            self.data_received(b"\n")
+            self._receive(b"\n")
         if self._task is None and not self._closing:
             self._close_now()
         return True  # keep the transport for replies still being produced; we close it
@@ -526,6 +531,7 @@ class LineConnection(asyncio.Protocol):
         if exc is not None and not self._closing and isinstance(exc, OSError):
             self.server.logger.info("connection.reset", peer=self.peer,
                                     error=exc.strerror or type(exc).__name__)
+            self.server.cells[ERROR_CELL["reset"]] += 1
         if self._task is not None:
             self._task.cancel()
         if self._instance is not None:
@@ -691,12 +697,14 @@ class LineConnection(asyncio.Protocol):
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.server.logger.warning(exc.event, peer=self.peer, error=str(exc))
+        self.server.cells[ERROR_CELL[exc.reason]] += 1
         self.write(exc.reply.encode("utf-8") + CRLF)
         self._begin_linger()
 
     def _handler_failed(self, exc: BaseException) -> None:
         self.server.logger.error("connection.handler_error", peer=self.peer, error=f"{type(exc).__name__}: {exc}",
                                  exc_info=exc)
+        self.server.cells[ERROR_CELL["handler_error"]] += 1
         self.write(b"ERROR internal error\r\n")
         self._begin_linger()
 
@@ -734,6 +742,72 @@ class LineConnection(asyncio.Protocol):
     def _close_now(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+
+class CountingLineConnection(LineConnection):
+    """A :class:`LineConnection` for the access log (``[log] access``; only then is it
+    used, so a connection costs nothing more when the log is off): counts ``bytes_in``
+    (bytes read, not those discarded during a lingering close), ``bytes_out`` (bytes
+    queued for the client, error replies included), ``lines`` (handed to the handler),
+    keeps how the connection ended (``reason``, as :func:`preforkd.protocol.serve` names
+    it), and logs ``connection.closed`` when it is gone (``duration_ms`` on the loop's
+    monotonic clock)."""
+
+    __slots__ = ("_opened_at", "bytes_in", "bytes_out", "lines", "reason")
+
+    def __init__(self, server: EventServer, addr: Any, proxied: bool = False) -> None:
+        super().__init__(server, addr, proxied)
+        self._opened_at = server.loop.time()
+        self.bytes_in = self.bytes_out = self.lines = 0
+        self.reason = ""
+
+    def data_received(self, data: bytes) -> None:
+        if not self._closing:
+            self.bytes_in += len(data)
+        self._receive(data)
+
+    def eof_received(self) -> bool:
+        self.reason = self.reason or "client_closed"
+        return super().eof_received()
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        if exc is not None and not self._closing and isinstance(exc, OSError):
+            self.reason = self.reason or "reset"
+        super().connection_lost(exc)
+        self.server.logger.info("connection.closed", peer=self.peer,
+                                duration_ms=round((self.server.loop.time() - self._opened_at) * 1000, 3),
+                                lines=self.lines, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                                reason=self.reason or "client_closed")
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self._closing:
+            self.bytes_out += len(data)
+        super().write(data)
+
+    def _flush(self, out: List[bytes]) -> None:
+        if out and self.transport is not None:
+            self.bytes_out += sum(len(chunk) for chunk in out)
+        super()._flush(out)
+
+    def _handle(self, out: List[bytes], line: str) -> None:
+        self.lines += 1
+        super()._handle(out, line)
+
+    def _queue(self, line: str) -> None:
+        self.lines += 1
+        super()._queue(line)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.reason = self.reason or exc.reason
+        super()._protocol_error(exc)
+
+    def _handler_failed(self, exc: BaseException) -> None:
+        self.reason = self.reason or "handler_error"
+        super()._handler_failed(exc)
+
+    def _begin_linger(self) -> None:
+        self.reason = self.reason or "server_closed"
+        super()._begin_linger()
 
 
 async def _quietly(awaitable: Any) -> None:

@@ -33,6 +33,7 @@ DEFAULT_HANDLER = "preforkd.services:echo"
 #: What a command service's program gets as PATH (no inherited PATH).
 SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LEVELS_ORDER = LOG_LEVELS  # from the most to the least verbose
 LOG_FORMATS = ("auto", "json", "console")
 #: Largest number of seconds a timeout may be (the kernel's timers take whole seconds
 #: as a C int or unsigned; about 31 years).
@@ -87,11 +88,20 @@ class SupervisorConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """``[log]``: ``file`` absolute, "" for stderr."""
+    """``[log]``: ``file`` absolute, "" for stderr; ``access``: one ``connection.closed``
+    event per connection."""
 
     level: str
     format: str
     file: str
+    access: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: ``listen`` is the Prometheus endpoint's address, ``None`` when off."""
+
+    listen: Optional[Address] = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,7 @@ class Config:
     supervisor: SupervisorConfig
     log: LogConfig
     services: Tuple[ServiceConfig, ...]
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def source(self) -> str:
@@ -253,7 +264,8 @@ SUPERVISOR_KEYS = (
     "pidfile", "control_socket", "graceful_timeout", "working_directory",
     "umask", "user", "group", "python_path", "event_loop", "agent_check", "drain_delay",
 )
-LOG_KEYS = ("level", "format", "file")
+LOG_KEYS = ("level", "format", "file", "access")
+METRICS_KEYS = ("listen",)
 SERVICE_KEYS = (
     "name", "listen", "handler", "command", "workers", "max_requests", "idle_timeout",
     "max_line_length", "backlog", "socket_mode", "reuse_port",
@@ -352,7 +364,7 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
     :raises ConfigError: on any mistake.
     """
     v = _Validator(source, base_dir)
-    v.table(data, "", ("supervisor", "log", "service"))
+    v.table(data, "", ("supervisor", "log", "metrics", "service"))
 
     sup = v.table(data.get("supervisor", {}), "supervisor", SUPERVISOR_KEYS)
     python_path = sup.get("python_path", [])
@@ -390,7 +402,12 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
     fmt = v.string(lg, "format", "log", "auto")
     if fmt not in LOG_FORMATS:
         raise v.fail("log.format", f"must be one of {', '.join(LOG_FORMATS)}, got {_show(fmt)}")
-    log = LogConfig(level=level, format=fmt, file=v.path(v.string(lg, "file", "log", "")))
+    access = v.boolean(lg, "access", "log", False)
+    if access and LEVELS_ORDER.index(level) > LEVELS_ORDER.index("info"):
+        raise v.fail("log.access", f'connection.closed is an info event: it needs level "info" or "debug", '
+                     f"got level {_show(level)}")
+    log = LogConfig(level=level, format=fmt, file=v.path(v.string(lg, "file", "log", "")), access=access)
+    metrics = _metrics(v, data.get("metrics", {}))
 
     raw_services = data.get("service", [])
     if not isinstance(raw_services, list):
@@ -400,6 +417,9 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
     services = []
     names: Dict[str, int] = {}
     addresses: Dict[Tuple[str, str, int], str] = {}
+    metrics_key = metrics.listen.identity() if metrics.listen is not None else None
+    if metrics_key is not None:
+        addresses[metrics_key] = "metrics.listen"
     for index, raw in enumerate(raw_services):
         kp = f"service[{index}]"
         svc = _service(v, raw, kp)
@@ -421,7 +441,22 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
         raise v.fail("supervisor.agent_check", f"{agent} is already used by {addresses[agent_key]}")
     _check_own_files(v, supervisor, log, services)
 
-    return Config(path=abspath, supervisor=supervisor, log=log, services=tuple(services))
+    return Config(path=abspath, supervisor=supervisor, log=log, services=tuple(services), metrics=metrics)
+
+
+def _metrics(v: _Validator, raw: Any) -> MetricsConfig:
+    """``[metrics]``: ``listen`` is "" (off) or a ``tcp://`` address (Prometheus scrapes over TCP)."""
+    table = v.table(raw, "metrics", METRICS_KEYS)
+    text = v.string(table, "listen", "metrics", "")
+    if not text:
+        return MetricsConfig()
+    try:
+        addr = parse_address(text, v.base_dir)
+    except AddressError as exc:
+        raise v.fail("metrics.listen", str(exc)) from None
+    if addr.kind != "tcp":
+        raise v.fail("metrics.listen", f"must be a tcp:// address (Prometheus scrapes over TCP), got {_show(text)}")
+    return MetricsConfig(listen=addr)
 
 
 def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:

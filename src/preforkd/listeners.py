@@ -50,6 +50,7 @@ class Listener:
     file_id: Optional[Tuple[int, int]] = None
     origin: str = "bound"  # bound | inherited | activated
     key: str = ""  # see listener_specs
+    role: str = "service"  # service, or the endpoint the master answers on it (metrics)
 
     @property
     def is_unix(self) -> bool:
@@ -276,37 +277,60 @@ def tune(listener: Listener, service: ServiceConfig) -> None:
 # -- the configured set --------------------------------------------------------
 
 
-#: ``listen(2)`` backlog of the master's own endpoints (the agent-check).
-ENDPOINT_BACKLOG = 128
+#: ``listen(2)`` backlog of an endpoint the master answers itself (its clients are a few
+#: scrapers or balancers, not the service's load).
+ENDPOINT_BACKLOG = 64
 
 
 @dataclass(frozen=True)
 class ListenerSpec:
-    """One configured listener and the key it is known by across reloads: a service's
-    (``role`` ``"service"``), or one the master answers itself (``service`` ``None``,
-    ``role`` ``"agent_check"``)."""
+    """One configured listener and the key it is known by across reloads.
+
+    ``role`` is ``"service"`` for a service's listener (``service`` set), or the name of
+    an endpoint the master answers itself (``"metrics"``, ``"agent_check"``; ``service``
+    is ``None``): see
+    :func:`endpoint_addresses`.
+    """
 
     key: str
     address: Address
     service: Optional[ServiceConfig]
     role: str = "service"
 
-    def bind(self, owner: Tuple[int, int]) -> Listener:
-        """Bind this listener with its service's options (see :func:`bind`)."""
-        svc = self.service
-        if svc is None:
-            return bind(self.address, ENDPOINT_BACKLOG)
-        return bind(self.address, svc.backlog, svc.socket_mode, svc.reuse_port, owner)
+    @property
+    def backlog(self) -> int:
+        return self.service.backlog if self.service is not None else ENDPOINT_BACKLOG
+
+    @property
+    def socket_mode(self) -> int:
+        return self.service.socket_mode if self.service is not None else 0o600
+
+    @property
+    def reuse_port(self) -> bool:
+        return self.service.reuse_port if self.service is not None else False
+
+
+def endpoint_addresses(config: Config) -> List[Tuple[str, Address]]:
+    """The configured endpoints the master answers itself, as ``(role, address)``:
+    ``("metrics", [metrics] listen)`` and ``("agent_check", [supervisor] agent_check)``
+    when set."""
+    out: List[Tuple[str, Address]] = []
+    if config.metrics.listen is not None:
+        out.append(("metrics", config.metrics.listen))
+    if config.supervisor.agent_check is not None:
+        out.append(("agent_check", config.supervisor.agent_check))
+    return out
 
 
 def listener_specs(config: Config) -> List[ListenerSpec]:
-    """Every configured listener, in configuration order, with its key.
+    """Every configured listener, services' first in configuration order, then the
+    endpoints', with its key.
 
     A fixed address is its own key (``tcp://127.0.0.1:7000``); an ephemeral one
     (port 0) is not unique, so its key also names the service and its place among
-    that service's identical entries (``tcp://127.0.0.1:0@echo#0``): the port it
-    got is kept across reloads as long as that entry stays. The agent-check listener
-    comes last, keyed the same way (``tcp://127.0.0.1:0@agent_check``).
+    that service's identical entries (``tcp://127.0.0.1:0@echo#0``), or the endpoint's
+    role (``tcp://127.0.0.1:0@(metrics)``, parentheses being no part of a service
+    name): the port it got is kept across reloads as long as that entry stays.
     """
     out = []
     for svc in config.services:
@@ -318,10 +342,9 @@ def listener_specs(config: Config) -> List[ListenerSpec]:
                 seen[text] = n + 1
                 text = f"{text}@{svc.name}#{n}"
             out.append(ListenerSpec(key=text, address=addr, service=svc))
-    agent = config.supervisor.agent_check
-    if agent is not None:
-        text = str(agent) if agent.identity() is not None else f"{agent}@agent_check"
-        out.append(ListenerSpec(key=text, address=agent, service=None, role="agent_check"))
+    for role, addr in endpoint_addresses(config):
+        key = str(addr) if addr.identity() is not None else f"{addr}@({role})"
+        out.append(ListenerSpec(key=key, address=addr, service=None, role=role))
     return out
 
 
@@ -372,16 +395,16 @@ def open_listeners(config: Config, inherited: Sequence[InheritedListener], owner
     out: Dict[str, Listener] = {}
     try:
         for key, spec in specs.items():
-            lst = found.get(key) or spec.bind(owner)
-            lst.key = key
+            lst = found.get(key) or bind(spec.address, spec.backlog, spec.socket_mode, spec.reuse_port, owner)
+            lst.key, lst.role = key, spec.role
             out[key] = lst
             if spec.service is not None:
                 tune(lst, spec.service)
-                logger.info("listener.bound", service=spec.service.name, address=lst.bound,
-                            configured=str(lst.address), origin=lst.origin, role=spec.role)
+                logger.info("listener.bound", service=spec.service.name, role=spec.role, address=lst.bound,
+                            configured=str(lst.address), origin=lst.origin)
             else:
-                logger.info("listener.bound", address=lst.bound, configured=str(lst.address), origin=lst.origin,
-                            role=spec.role)
+                logger.info("listener.bound", role=spec.role, address=lst.bound, configured=str(lst.address),
+                            origin=lst.origin)
     except ListenerError:
         for lst in {**found, **out}.values():
             lst.close()
@@ -399,7 +422,7 @@ def prebind(config: Config, have: Set[str], owner: Tuple[int, int]) -> List[List
     try:
         for spec in listener_specs(config):
             if spec.key not in have:
-                lst = spec.bind(owner)
+                lst = bind(spec.address, spec.backlog, spec.socket_mode, spec.reuse_port, owner)
                 lst.key = spec.key
                 out.append(lst)
     except ListenerError:
@@ -436,18 +459,62 @@ def _sockname(sock: socket.socket) -> str:
 
 def queue_length(sock: socket.socket) -> Optional[int]:
     """Connections waiting in a listening TCP socket's accept queue, or ``None`` for a
+    socket that does not say (a Unix listener). See :func:`queue_stats`."""
+    stats = queue_stats(sock)
+    return stats[0] if stats is not None else None
+
+
+def queue_stats(sock: socket.socket) -> Optional[Tuple[int, int]]:
+    """``(waiting, limit)`` of a listening TCP socket's accept queue, or ``None`` for a
     socket that does not say (a Unix listener). Linux reports the queue length of a
-    listening socket in ``TCP_INFO``'s ``tcpi_unacked`` (and its limit in
-    ``tcpi_sacked``), tcp(7); unicorn's raindrops reads the same. One system call."""
+    listening socket in ``TCP_INFO``'s ``tcpi_unacked`` and its limit (the ``listen(2)``
+    backlog as capped by ``net.core.somaxconn``) in ``tcpi_sacked``, tcp(7),
+    ``tcp_get_info()``; unicorn's raindrops reads the same. One system call."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
     except OSError:
         return None
-    return int(struct.unpack_from("I", info, _TCPI_UNACKED)[0]) if len(info) >= _TCPI_UNACKED + 4 else None
+    if len(info) < _TCPI_SACKED + 4:
+        return None
+    return (int(struct.unpack_from("I", info, _TCPI_UNACKED)[0]), int(struct.unpack_from("I", info, _TCPI_SACKED)[0]))
 
 
-#: Offset of ``tcpi_unacked`` in ``struct tcp_info`` (linux/tcp.h): 8 bytes of u8 fields,
-#: then the u32s tcpi_rto, tcpi_ato, tcpi_snd_mss, tcpi_rcv_mss, tcpi_unacked.
+def tcp_byte_counts(sock: socket.socket) -> Optional[Tuple[int, int]]:
+    """``(bytes received, bytes sent)`` on a connected TCP socket, as the kernel counts
+    them whoever did the I/O (a ``command`` service's program): ``tcpi_bytes_received``
+    (which counts the peer's FIN as one byte, since it advances the sequence number: taken
+    off once the state says it came), and ``tcpi_bytes_sent - tcpi_bytes_retrans +
+    tcpi_notsent_bytes`` (each byte written once, whether it has left yet or not), from
+    ``TCP_INFO``, tcp(7), Linux 4.19 or later. ``None`` for another socket or an older
+    kernel. One system call."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCPI_SIZE)
+    except OSError:
+        return None
+    if len(info) < _TCPI_SIZE:
+        return None
+    received = struct.unpack_from("Q", info, _TCPI_BYTES_RECEIVED)[0]
+    if info[0] in _FIN_RECEIVED_STATES and received:
+        received -= 1
+    notsent = struct.unpack_from("I", info, _TCPI_NOTSENT_BYTES)[0]
+    sent, retrans = struct.unpack_from("QQ", info, _TCPI_BYTES_SENT)
+    return int(received), int(sent - retrans + notsent)
+
+
+#: Offsets in ``struct tcp_info`` (linux/tcp.h): 8 bytes of u8 fields, then the u32s
+#: tcpi_rto, tcpi_ato, tcpi_snd_mss, tcpi_rcv_mss, tcpi_unacked, tcpi_sacked...; further
+#: on, the u64 tcpi_bytes_received, the u32 tcpi_notsent_bytes and the u64s
+#: tcpi_bytes_sent and tcpi_bytes_retrans (Linux 4.19).
 _TCPI_UNACKED = 24
+_TCPI_SACKED = 28
+_TCPI_BYTES_RECEIVED = 128
+_TCPI_NOTSENT_BYTES = 144
+_TCPI_BYTES_SENT = 200  # then tcpi_bytes_retrans at 208
+_TCPI_SIZE = 216
+#: tcpi_state values (include/net/tcp_states.h) once the peer's FIN has arrived:
+#: TCP_TIME_WAIT, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING.
+_FIN_RECEIVED_STATES = (6, 8, 9, 11)

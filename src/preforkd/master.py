@@ -28,17 +28,19 @@ import selectors
 import signal
 import time
 from types import FrameType
-from typing import Any, Deque, Dict, Optional
+from typing import Any, Deque, Dict, List, Optional
 
 from . import agent, reexec, status
 from .config import Config, credentials
 from .control import ControlServer
+from .counters import Counters
 from .daemon import Launcher
 from .endpoints import Endpoint
 from .handler import Handler
 from .limits import raise_nofile_limit
 from .listeners import Listener, ListenerError, listener_specs, open_listeners, prebind
 from .log import EventLog
+from .metrics import Renderer, metrics_endpoint
 from .notify import Notifier
 from .pidfile import Pidfile, PidfileError, take_pidfile
 from .pool import Pool, Workers
@@ -88,15 +90,18 @@ class Master:
         self.sig_queue: Deque[int] = collections.deque()
         self.selector = selectors.DefaultSelector()
         self.notifier = Notifier()
+        self.counters = Counters(handover.counters if handover else ())
         self.reloader = Reloader(config_arg, self.selector, self.logger, self.notifier, self.commit_reload,
-                                 handover)
+                                 handover, self.counters)
         self.control = ControlServer(self.selector, self.status, {"drain": self.drain, "undrain": self.undrain})
-        self.agent: Optional[Endpoint] = None  # the agent-check endpoint, when configured
+        self.agent: Optional[Endpoint] = None  # the agent-check endpoint, when configured (also in endpoints)
         self.pools: Dict[str, Pool] = {}
         self.listeners: Dict[str, Listener] = {}  # listener key -> listener
         self.pidfile: Optional[Pidfile] = None
         self.scoreboard = Scoreboard(handover.scoreboard_fd if handover else None)
-        self.workers = Workers(self.scoreboard, self.logger, config.supervisor.graceful_timeout)
+        self.workers = Workers(self.scoreboard, self.logger, config.supervisor.graceful_timeout, self.counters)
+        self.endpoints: List[Endpoint] = []  # listeners the master answers itself ([metrics])
+        self.renderer: Optional[Renderer] = None
         self.wake_r = -1
         self.next_watchdog: Optional[float] = None  # monotonic seconds
         self.log_deadline = time.monotonic() + LOG_DEFER_MAX  # monotonic seconds
@@ -137,19 +142,16 @@ class Master:
         self.pidfile = take_pidfile(self.config.supervisor.pidfile, self.pid, h.pidfile_fd if h else None,
                                     h.pidfile_path if h else "")
         self.workers.open_pipes(self.selector, (h.alive_r, h.alive_w) if h else None, self.generation, self.log,
-                                self.creds, self.config.supervisor.event_loop)
+                                self.creds, self.config.supervisor.event_loop, self.config.log.access)
         self.listeners = open_listeners(self.config, h.listeners if h else (), self.creds.socket_owner,
                                         self.logger)
         self.control.take_over(self.config.supervisor.control_socket, h.control_fd if h else None,
                                h.control_path if h else "", h.control_file_id if h else None)
+        self._open_endpoints()
         specs = listener_specs(self.config)
         for svc in self.config.services:
             lsts = [self.listeners[s.key] for s in specs if s.service is svc]
             self.pools[svc.name] = Pool.create(svc, lsts, self.handlers.get(svc.name), self.scoreboard)
-        for spec in specs:
-            if spec.role == "agent_check":
-                self.agent = agent.endpoint(self.listeners[spec.key], self.selector, self.agent_reply, self.logger)
-                self.agent.start()
         for inherited in h.workers if h else ():
             w = self.workers.inherit(inherited)
             if w.service not in self.pools:
@@ -174,8 +176,8 @@ class Master:
         now = time.monotonic()
         self.workers.kill_overdue(now)
         self.control.expire(now)
-        if self.agent is not None:
-            self.agent.tick(now)
+        for endpoint in self.endpoints:
+            endpoint.tick(now)
         self._feed_watchdog(now)
         self.reloader.poll(now)
         if self.stop_at is not None and now >= self.stop_at and self.phase is not Phase.STOPPING:
@@ -194,6 +196,8 @@ class Master:
             self._retire_replaced()
         if self.phase is Phase.RUNNING and self.stop_at is None:
             self.reloader.start_if_pending()
+            if self.renderer is not None and not self.renderer.ready:
+                self.renderer.prepare()  # prometheus-client's import, once serving (not in a reload's way)
 
     # -- signals (docs/signals.md) -----------------------------------------------------
 
@@ -346,8 +350,8 @@ class Master:
         except ListenerError as exc:
             return str(exc)
         self.control.close_clients()
-        if self.agent is not None:
-            self.agent.close_clients()  # their sockets are not handed over
+        for endpoint in self.endpoints:
+            endpoint.close_clients()  # their sockets are not handed over
         listeners = list(self.listeners.values()) + prebound
         for lst in listeners:
             lst.sock.setblocking(False)
@@ -361,7 +365,7 @@ class Master:
             pidfile_fd=self.pidfile.fd if self.pidfile else None,
             pidfile_path=self.pidfile.path if self.pidfile else "",
             control_fd=self.control.fileno(), control_path=self.control.path,
-            control_file_id=self.control.file_id, drained=self.drained)
+            control_file_id=self.control.file_id, counters=self.counters.handover(), drained=self.drained)
         self.logger.info("config.reexec", generation=self.generation + 1, reload_seq=self.reloader.seq)
         error = reexec.reexec(handover, self.config_arg, text)
         for lst in prebound:
@@ -383,8 +387,9 @@ class Master:
         self.reloader.abort()
         for w in self.workers.all():
             self.workers.stop(w, graceful=graceful, reason=signame)
+        self._close_endpoints(keep=self.agent)  # the agent says "down" until the master exits
         for lst in self.listeners.values():  # no new clients: close our copies, remove socket files
-            if self.agent is None or lst is not self.agent.listener:  # the agent says "down" until the end
+            if self.agent is None or lst is not self.agent.listener:
                 lst.close()
         self._report("ERROR stopped before it was ready")
 
@@ -396,8 +401,7 @@ class Master:
 
     def _cleanup(self) -> None:
         """Close listeners (unlinking our Unix socket files), the control socket, the pidfile."""
-        if self.agent is not None:
-            self.agent.close()
+        self._close_endpoints()
         for lst in self.listeners.values():
             try:
                 lst.close()
@@ -436,9 +440,9 @@ class Master:
             if pool.failures:
                 deadlines.append(now + 0.25)
         deadlines += self.workers.deadlines()
-        endpoint = self.agent.deadline() if self.agent is not None else None
-        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.stop_at, endpoint)
-                      if t is not None]
+        deadlines += [t for t in (ep.deadline() for ep in self.endpoints) if t is not None]
+        stop_at = self.stop_at if self.phase is not Phase.STOPPING else None  # once due, it is done
+        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), stop_at) if t is not None]
         return max(0.0, min(deadlines) - now)
 
     def status(self) -> Dict[str, Any]:
@@ -450,8 +454,34 @@ class Master:
             generation=self.generation, started_wall=self.started_wall,
             config=self.config.source, pidfile=self.pidfile.path if self.pidfile else "",
             reload=self.reloader.document(), pools=self.pools, old_workers=self.workers.old.values(),
-            scoreboard=self.scoreboard,
+            scoreboard=self.scoreboard, counters=self.counters,
+            endpoints=[lst for lst in self.listeners.values() if lst.role != "service"],
             agent_check={"address": endpoint.bound, "reply": self.agent_reply()} if endpoint is not None else None)
+
+    # -- endpoints the master answers itself -------------------------------------------
+
+    def _open_endpoints(self) -> None:
+        """Serve ``[metrics]`` and the agent-check on their listeners (bound or adopted
+        with the others)."""
+        for spec in listener_specs(self.config):
+            if spec.role == "metrics":
+                self.renderer = Renderer(self)
+                endpoint = metrics_endpoint(self.listeners[spec.key], self.selector, self.logger, self.renderer)
+            elif spec.role == "agent_check":
+                endpoint = self.agent = agent.endpoint(self.listeners[spec.key], self.selector, self.agent_reply,
+                                                       self.logger)
+            else:
+                continue
+            endpoint.start()
+            self.endpoints.append(endpoint)
+
+    def _close_endpoints(self, keep: Optional[Endpoint] = None) -> None:
+        """Stop answering on the endpoints but *keep* (their listeners are closed with the
+        others)."""
+        for endpoint in self.endpoints:
+            if endpoint is not keep:
+                endpoint.close()
+        self.endpoints = [keep] if keep is not None else []
 
 
 def _set_title(title: str) -> None:

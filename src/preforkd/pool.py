@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from .config import MAX_WORKERS, Credentials, ServiceConfig
+from .counters import Counters, exit_reason
 from .handler import Handler
 from .listeners import Listener, queue_length
 from .log import EventLog, Logger
@@ -257,6 +258,8 @@ class Workers:
     scoreboard slots, stops workers, and kills those that overrun their stop timeout.
 
     :param graceful_timeout: seconds a worker told to stop gracefully may take.
+    :param counters: the master's running totals: a reaped worker's scoreboard counters
+        and its exit reason are added there.
     """
 
     #: Seconds a worker told to quit (INT, QUIT) has before SIGKILL.
@@ -266,8 +269,10 @@ class Workers:
     #: this many seconds later if it is still there.
     STOP_BACKSTOP = 1.0
 
-    def __init__(self, scoreboard: Scoreboard, logger: Logger, graceful_timeout: float) -> None:
+    def __init__(self, scoreboard: Scoreboard, logger: Logger, graceful_timeout: float,
+                 counters: Optional[Counters] = None) -> None:
         self.scoreboard = scoreboard
+        self.counters = counters if counters is not None else Counters()
         self.logger = logger
         self.graceful_timeout = graceful_timeout
         self.current: Dict[int, WorkerInfo] = {}
@@ -276,7 +281,7 @@ class Workers:
         self.alive_r = self.alive_w = self.ready_r = self.ready_w = -1
 
     def open_pipes(self, selector: selectors.BaseSelector, alive: Optional[Tuple[int, int]], generation: int,
-                   log: EventLog, credentials: Credentials, event_loop: str) -> None:
+                   log: EventLog, credentials: Credentials, event_loop: str, access_log: bool = False) -> None:
         """The master's two pipes to its workers: the master-alive pipe (only the master
         holds the write end, so end of file tells a worker the master is gone; *alive* is
         the inherited pair after a re-exec), and the ready pipe on which each worker
@@ -292,7 +297,7 @@ class Workers:
         selector.register(self.ready_r, selectors.EVENT_READ, self._on_ready)
         self.env = WorkerEnv(generation=generation, alive_fd=self.alive_r, ready_fd=self.ready_w, log=log,
                              master_pid=os.getpid(), graceful_timeout=self.graceful_timeout, credentials=credentials,
-                             event_loop=event_loop)
+                             event_loop=event_loop, access_log=access_log)
 
     def _on_ready(self, _mask: int) -> None:
         try:
@@ -346,9 +351,11 @@ class Workers:
         return info
 
     def pop(self, pid: int) -> Optional[WorkerInfo]:
-        """Forget a reaped worker and free its slot; ``None`` if it was not ours."""
+        """Forget a reaped worker and free its slot, keeping its counters in the
+        master's totals first; ``None`` if it was not ours."""
         info = self.current.pop(pid, None) or self.old.pop(pid, None)
         if info is not None:
+            self.counters.worker_gone(info.service, info.slot, self.scoreboard)
             self.scoreboard.release(info.slot)
         return info
 
@@ -368,6 +375,7 @@ class Workers:
             return None
         lifetime = round(now - info.started, 3)
         expected = info.stopping or everyone_stopping
+        self.counters.worker_exited(info.service, exit_reason(how, expected, EXIT_INIT_FAILED))
         clean = how.get("exit_code") == 0
         log = self.logger.info if clean or expected else self.logger.warning
         log("worker.exited", service=info.service, worker=info.number, child=pid,

@@ -23,21 +23,24 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any, Callable, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, List, NoReturn, Optional, Tuple, cast
 
 from .config import ServiceConfig
 from .handler import Close, Handler, HandlerKind, LineHandler, Reply
 from .listeners import set_recv_timeout, set_timeouts
 from .log import Logger
+from .scoreboard import ERROR_CELL
 
 RECV_SIZE = 65536
 CRLF = b"\r\n"
 
 
 class ProtocolError(Exception):
-    """A client broke the line protocol; ``reply`` is the error line sent before closing."""
+    """A client broke the line protocol; ``reply`` is the error line sent before closing,
+    ``reason`` how the connection ended (``connection.closed``), ``event`` what is logged."""
 
     event = "connection.protocol_error"
+    reason = "protocol_error"
     reply = "ERROR protocol error"
 
 
@@ -45,6 +48,7 @@ class LineTooLong(ProtocolError):
     """An input line longer than ``max_line_length`` bytes."""
 
     event = "connection.line_too_long"
+    reason = "line_too_long"
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"line longer than {limit} bytes")
@@ -55,6 +59,7 @@ class BadEncoding(ProtocolError):
     """An input line that is not UTF-8."""
 
     event = "connection.bad_encoding"
+    reason = "bad_encoding"
     reply = "ERROR invalid UTF-8"
 
 
@@ -62,6 +67,7 @@ class IdleTimeout(ProtocolError):
     """The client sent nothing, or read nothing, for ``idle_timeout`` seconds."""
 
     event = "connection.idle_timeout"
+    reason = "idle_timeout"
     reply = "ERROR idle timeout"
 
 
@@ -70,6 +76,7 @@ class LineTimeout(ProtocolError):
     (a slow trickle; Apache's mod_reqtimeout guards the same)."""
 
     event = "connection.line_timeout"
+    reason = "line_timeout"
     reply = "ERROR line timeout"
 
 
@@ -132,10 +139,7 @@ class Connection:
 
     @property
     def peer(self) -> str:
-        addr = self.addr
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
-        return "unix"
+        return peer_text(self.addr)
 
     def recv(self, partial: bool) -> bytes:
         """One ``recv`` under the idle timeout; with a *partial* line in hand, under what
@@ -236,6 +240,51 @@ class Connection:
         return close
 
 
+def peer_text(addr: Any) -> str:
+    """A client address as events show it: ``127.0.0.1:5000``, ``[::1]:5000``, or
+    ``unix`` for a Unix-domain client (which has no address)."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+    return "unix"
+
+
+class CountingConnection(Connection):
+    """A :class:`Connection` that counts what the access log reports (``[log] access``;
+    only then is it used, so a connection costs nothing more when the log is off):
+    ``bytes_in`` (bytes received through it), ``bytes_out`` (bytes sent, error replies
+    included) and ``lines`` (input lines handed to the handler). A connection handler
+    that uses ``conn.sock`` directly bypasses the counts."""
+
+    __slots__ = ("bytes_in", "bytes_out", "lines")
+
+    def __init__(self, sock: socket.socket, addr: Any, service: str, max_line_length: int, idle_timeout: float,
+                 line_timeout: float = 60.0) -> None:
+        super().__init__(sock, addr, service, max_line_length, idle_timeout, line_timeout)
+        self.bytes_in = self.bytes_out = self.lines = 0
+
+    def recv(self, partial: bool) -> bytes:
+        data = super().recv(partial)
+        self.bytes_in += len(data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.bytes_out += len(data)
+
+    def readline_bytes(self) -> Optional[bytes]:
+        line = super().readline_bytes()
+        if line is not None:
+            self.lines += 1
+        return line
+
+    def counting(self, handle: Callable[[str], Reply]) -> Callable[[str], Reply]:
+        """*handle*, counting the lines it is called with."""
+        def counted(line: str) -> Reply:
+            self.lines += 1
+            return handle(line)
+        return counted
+
+
 # -- serving ------------------------------------------------------------------
 
 
@@ -320,33 +369,51 @@ def serve_line_class(conn: Connection, cls: type) -> None:
         handler.on_close()
 
 
-def serve(conn: Connection, call: Callable[[Connection], None], logger: Logger) -> None:
+def serve(conn: Connection, call: Callable[[Connection], None], logger: Logger,
+          cells: Optional[memoryview] = None) -> str:
     """Serve one connection with *call* (from :func:`connection_server`).
 
     Never raises for anything the client or the handler did: each failure is
-    logged as one ``connection.*`` event and the connection is closed. When the
-    server ends the connection (an error, a :class:`Close` reply, a connection
-    handler returning) rather than the client, the close lingers (see
+    logged as one ``connection.*`` event, counted in the worker's scoreboard *cells*
+    (:data:`preforkd.scoreboard.ERROR_CELL`; on the error path only) and the connection
+    is closed. When the server ends the connection (an error, a :class:`Close` reply, a
+    connection handler returning) rather than the client, the close lingers (see
     :data:`LINGER_SECONDS`). The caller closes the socket.
+
+    :returns: how the connection ended: ``client_closed`` (end of input),
+        ``server_closed`` (a ``Close`` reply, a connection handler returning), or the
+        error (``line_too_long``, ``bad_encoding``, ``idle_timeout``, ``line_timeout``,
+        ``reset``, ``handler_error``).
     """
     try:
         call(conn)
-        if not conn._eof:
-            _lingering_close(conn)
+        if conn._eof:
+            return "client_closed"
+        _lingering_close(conn)
+        return "server_closed"
     except ProtocolError as exc:
         logger.warning(exc.event, peer=conn.peer, error=str(exc))
         _try_send(conn, exc.reply)
+        reason = exc.reason
     except (ConnectionError, BrokenPipeError) as exc:
         logger.info("connection.reset", peer=conn.peer, error=exc.strerror or type(exc).__name__)
+        reason = "reset"
     except Exception as exc:
         logger.error("connection.handler_error", peer=conn.peer, error=f"{type(exc).__name__}: {exc}",
                      exc_info=True)
         _try_send(conn, "ERROR internal error")
+        reason = "handler_error"
+    if cells is not None:
+        cells[ERROR_CELL[reason]] += 1
+    return reason
 
 
-def _caller(handler: Handler) -> Callable[[Connection], None]:
-    """What serving one connection with *handler* calls: decided once per worker."""
+def _caller(handler: Handler, counted: bool = False) -> Callable[[Connection], None]:
+    """What serving one connection with *handler* calls: decided once per worker. A line
+    function is *counted* (lines) through :meth:`CountingConnection.counting`."""
     target = handler.target
+    if handler.kind is HandlerKind.LINE and counted:
+        return lambda conn: serve_line_function(conn, cast(CountingConnection, conn).counting(target))
     if handler.kind is HandlerKind.LINE:
         return lambda conn: serve_line_function(conn, target)
     if handler.kind is HandlerKind.CLASS:
@@ -354,22 +421,43 @@ def _caller(handler: Handler) -> Callable[[Connection], None]:
     return target  # type: ignore[no-any-return]  # a @connection_handler takes the connection
 
 
-def connection_server(handler: Handler, service: ServiceConfig, logger: Logger,
-                      unix: bool) -> Callable[[socket.socket, Any], None]:
+def connection_server(handler: Handler, service: ServiceConfig, logger: Logger, unix: bool,
+                      cells: Optional[memoryview] = None, access: bool = False) -> Callable[[socket.socket, Any], str]:
     """The function a worker calls with each accepted ``(socket, address)`` of one
-    listener: frame lines with *handler* under *service*'s limits, log failures.
+    listener: frame lines with *handler* under *service*'s limits, log failures and
+    count them in the worker's scoreboard *cells*. It returns how the connection ended
+    (:func:`serve`).
 
     :param unix: the listener is a Unix socket: accepted connections did not inherit
         the idle timeout from it (TCP ones do, see :func:`preforkd.listeners.tune`),
         so it is set on each.
+    :param access: log one ``connection.closed`` event per connection (``peer``,
+        ``duration_ms`` from the first byte served to the close, on the monotonic clock,
+        ``lines``, ``bytes_in``, ``bytes_out``, ``reason``), counting through a
+        :class:`CountingConnection`; without it nothing is counted or timed.
     """
-    call = _caller(handler)
     name, limit, idle, line = service.name, service.max_line_length, service.idle_timeout, service.line_timeout
+    if access:
+        counted_call = _caller(handler, counted=True)
+        monotonic = time.monotonic
 
-    def serve_socket(sock: socket.socket, addr: Any) -> None:
+        def serve_logged(sock: socket.socket, addr: Any) -> str:
+            started = monotonic()
+            if unix:
+                set_timeouts(sock, idle)
+            conn = CountingConnection(sock, addr, name, limit, idle, line)
+            reason = serve(conn, counted_call, logger, cells)
+            logger.info("connection.closed", peer=conn.peer, duration_ms=round((monotonic() - started) * 1000, 3),
+                        lines=conn.lines, bytes_in=conn.bytes_in, bytes_out=conn.bytes_out, reason=reason)
+            return reason
+
+        return serve_logged
+    call = _caller(handler)
+
+    def serve_socket(sock: socket.socket, addr: Any) -> str:
         if unix:
             set_timeouts(sock, idle)
-        serve(Connection(sock, addr, name, limit, idle, line), call, logger)
+        return serve(Connection(sock, addr, name, limit, idle, line), call, logger, cells)
 
     return serve_socket
 
@@ -385,9 +473,12 @@ LINGER_BYTES = 1 << 20
 
 def _try_send(conn: Connection, line: str) -> None:
     sock = conn.sock
+    data = line.encode("utf-8") + CRLF
     try:
         sock.settimeout(1.0)
-        sock.sendall(line.encode("utf-8") + CRLF)
+        sock.sendall(data)
+        if isinstance(conn, CountingConnection):
+            conn.bytes_out += len(data)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         return

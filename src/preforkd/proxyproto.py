@@ -352,19 +352,19 @@ class ProxyGate:
             return addr, None
         return header.source, header.dest
 
-    def wrap(self, serve_one: Callable[..., None], with_local: bool) -> Callable[[socket.socket, Any], None]:
+    def wrap(self, serve_one: Callable[..., Any], with_local: bool) -> Callable[[socket.socket, Any], Any]:
         """*serve_one* ``(sock, addr)`` behind this gate; *with_local*: also pass the
         header's destination as a third argument (a ``command`` service's
-        ``TCPLOCALIP``), ``None`` when the header has none."""
+        ``TCPLOCALIP``), ``None`` when the header has none. Returns what *serve_one*
+        returns (how the connection ended), or ``"proxy_rejected"``."""
         admit = self.admit
 
-        def serve(sock: socket.socket, addr: Any) -> None:
+        def serve(sock: socket.socket, addr: Any) -> Any:
             admitted = admit(sock, addr)
             if admitted is None:
-                return
+                return "proxy_rejected"
             if with_local:
-                serve_one(sock, admitted[0], admitted[1])
-            else:
-                serve_one(sock, admitted[0])
+                return serve_one(sock, admitted[0], admitted[1])
+            return serve_one(sock, admitted[0])
 
         return serve

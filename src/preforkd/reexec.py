@@ -73,6 +73,17 @@ class InheritedWorker:
 
 
 @dataclass(frozen=True)
+class Count:
+    """One of the master's running totals (:class:`preforkd.counters.Counters`):
+    ``name`` (``retired``, ``worker_exits``, ``reloads``), its ``labels`` in order,
+    and its ``value``."""
+
+    name: str
+    labels: Tuple[str, ...]
+    value: int
+
+
+@dataclass(frozen=True)
 class Handover:
     """Everything a re-exec'd master takes over from the image before it."""
 
@@ -93,6 +104,7 @@ class Handover:
     control_fd: Optional[int]
     control_path: str
     control_file_id: Optional[Tuple[int, int]]
+    counters: Tuple[Count, ...]  # the master's running totals (metrics never go backwards)
     drained: bool = False  # taken out of rotation with ``preforkd drain`` (the agent says "drain")
 
     def fds(self) -> List[int]:

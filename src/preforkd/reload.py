@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Optional
 
 from . import reexec
 from .config import Config, ConfigError, load_config, resolve_config_path
+from .counters import Counters
 from .log import Logger
 from .notify import Notifier
 from .signals import kill_quietly
@@ -59,11 +60,14 @@ class Reloader:
     :param commit: see :data:`Commit`.
     :param previous: the hand-over when this image was itself started by a reload
         (that reload is then in progress until the master calls :meth:`succeeded`).
+    :param counters: the master's totals, where each reload's outcome is counted.
     """
 
     def __init__(self, config_arg: Optional[str], selector: selectors.BaseSelector, logger: Logger,
-                 notifier: Notifier, commit: Commit, previous: Optional[reexec.Handover]) -> None:
+                 notifier: Notifier, commit: Commit, previous: Optional[reexec.Handover],
+                 counters: Optional[Counters] = None) -> None:
         self.config_arg = config_arg
+        self.counters = counters if counters is not None else Counters()
         self.selector = selector
         self.logger = logger
         self.notifier = notifier
@@ -140,6 +144,7 @@ class Reloader:
         self._config = self._text = None
         self.state = ReloadState.FAILED
         self.error = reason
+        self.counters.reload_ended("failed")
         self.logger.error("config.reload_failed", error=reason, reload_seq=self.seq)
         self.notifier.ready(f"reload failed, still serving the running generation: {reason}"[:200])
 
@@ -148,6 +153,7 @@ class Reloader:
         duration = None if self.began is None else round((time.monotonic() - self.began) * 1000, 1)
         self.logger.info("config.reloaded", generation=generation, duration_ms=duration, reload_seq=self.seq)
         self.state = ReloadState.OK
+        self.counters.reload_ended("ok")
         self.notifier.ready(f"reloaded: generation {generation}")
 
     def abort(self) -> None:

@@ -3,7 +3,9 @@
 One ``memfd`` (so that it survives the reload's ``execve``) mapped by the master before
 it forks; every worker owns one *slot* of :data:`CELLS` unsigned 64-bit cells and
 updates it with plain memory writes on every connection (no system call), and the
-master reads it for ``status``. Apache's scoreboard and Net::Server's
+master reads it for ``status`` and the metrics (a counter of a worker that has exited
+is added to the master's running total before its slot is reused:
+:class:`preforkd.counters.Counters`). Apache's scoreboard and Net::Server's
 waiting/processing reports do this job with more machinery.
 
 This module is the one owner of the layout: both sides index a slot's cells with the
@@ -24,6 +26,25 @@ CELLS = 8
 STATE = 0   # a :class:`State`
 SERVED = 1  # connections served by this worker since it started
 ACTIVE = 2  # connections it holds now (0 or 1, up to worker_connections when event-driven)
+#: Connections this worker ended because of an error, by kind (written on the error
+#: path only: a connection that goes well costs nothing more).
+ERRORS_PROTOCOL = 3  # line too long, not UTF-8
+ERRORS_TIMEOUT = 4   # idle_timeout, line_timeout, a command program outliving idle_timeout
+ERRORS_RESET = 5     # the client reset the connection or vanished
+ERRORS_HANDLER = 6   # the handler raised; a command program could not be started
+
+#: How a connection ended (the ``reason`` of ``connection.closed``) -> the error cell it
+#: counts in; reasons not listed are not errors.
+ERROR_CELL = {
+    "line_too_long": ERRORS_PROTOCOL, "bad_encoding": ERRORS_PROTOCOL, "protocol_error": ERRORS_PROTOCOL,
+    "idle_timeout": ERRORS_TIMEOUT, "line_timeout": ERRORS_TIMEOUT, "program_timeout": ERRORS_TIMEOUT,
+    "reset": ERRORS_RESET,
+    "handler_error": ERRORS_HANDLER, "exec_failed": ERRORS_HANDLER,
+}
+#: The per-worker counters, by the name the master's totals and the metrics use
+#: (``preforkd_connections_total``, ``preforkd_connection_errors_total{reason}``).
+COUNTER_CELLS = {"connections": SERVED, "errors_protocol": ERRORS_PROTOCOL, "errors_timeout": ERRORS_TIMEOUT,
+                 "errors_reset": ERRORS_RESET, "errors_handler": ERRORS_HANDLER}
 #: Cell indexes within a dynamic pool's own slot.
 ARMED = 0   # 1: a worker that finds the pool short of spare workers wakes the master (and clears it)
 
@@ -109,3 +130,7 @@ class Scoreboard:
     def served(self, slot: int) -> int:
         """Connections served by the slot's worker."""
         return int(self._cells[slot * CELLS + SERVED])
+
+    def read(self, slot: int, cell: int) -> int:
+        """One cell of the slot (a counter of :data:`COUNTER_CELLS`, say)."""
+        return int(self._cells[slot * CELLS + cell])

@@ -7,11 +7,14 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 from .config import SAFE_PATH
 from .handler import Close, LineHandler, Reply
+from .listeners import tcp_byte_counts
 from .log import Logger
+from .protocol import peer_text
+from .scoreboard import ERROR_CELL
 
 
 def echo(line: str) -> str:
@@ -53,18 +56,24 @@ class CommandService:
 
     :param idle_timeout: seconds the program may run; then its whole process group
         gets SIGTERM, and SIGKILL one second later.
+    :param cells: the worker's scoreboard slot, where a program that cannot start or
+        outlives *idle_timeout* is counted (:data:`preforkd.scoreboard.ERROR_CELL`).
     """
 
-    def __init__(self, argv: Sequence[str], idle_timeout: float, logger: Logger) -> None:
+    def __init__(self, argv: Sequence[str], idle_timeout: float, logger: Logger,
+                 cells: Optional[memoryview] = None) -> None:
         self.argv = list(argv)
         self.idle_timeout = idle_timeout
         self.logger = logger
+        self.cells = cells
         #: The process group (= pid) of the program serving the connection in hand; 0 = none.
         self.group = 0
 
-    def __call__(self, sock: socket.socket, peer_addr: Any, local_addr: Any = None) -> None:
-        """Serve one connection; returns when the program has exited. The caller closes
-        *sock*. Failures are logged, never raised.
+    def __call__(self, sock: socket.socket, peer_addr: Any, local_addr: Any = None) -> str:
+        """Serve one connection; returns when the program has exited, with how the
+        connection ended: ``program_exited``, ``program_timeout`` (it outlived
+        ``idle_timeout`` and was killed) or ``exec_failed``. The caller closes *sock*.
+        Failures are logged, never raised.
 
         :param peer_addr: the client's address: ``accept()``'s, or a PROXY protocol
             header's (a ``(host, port)`` tuple is a TCP client, anything else a Unix one).
@@ -90,12 +99,14 @@ class CommandService:
                                     start_new_session=True, restore_signals=True)
         except OSError as exc:
             logger.error("command.exec_failed", command=argv[0], error=exc.strerror or str(exc))
-            return
+            return self._failed("exec_failed")
         self.group = proc.pid
         started = time.monotonic()
+        reason = "program_exited"
         try:
             proc.wait(timeout=self.idle_timeout)
         except subprocess.TimeoutExpired:
+            reason = self._failed("program_timeout")
             logger.warning("command.timeout", command=argv[0], child=proc.pid, timeout=self.idle_timeout)
             self.kill_group(signal.SIGTERM)
             try:
@@ -110,6 +121,12 @@ class CommandService:
         if rc != 0:
             logger.info("command.exited", command=argv[0], child=proc.pid, status=rc,
                         lifetime=round(time.monotonic() - started, 3))
+        return reason
+
+    def _failed(self, reason: str) -> str:
+        if self.cells is not None:
+            self.cells[ERROR_CELL[reason]] += 1
+        return reason
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         """Signal the process group of the program serving the connection in hand, if any
@@ -119,3 +136,20 @@ class CommandService:
                 os.killpg(self.group, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+
+
+def logged_command(command: CommandService, logger: Logger) -> Callable[..., str]:
+    """*command* with one ``connection.closed`` event per connection (``[log] access``).
+    The program owns the socket, so lines are not known (``null``) and the byte counts
+    come from the kernel's ``TCP_INFO`` (:func:`preforkd.listeners.tcp_byte_counts`;
+    ``null`` for a Unix-domain client). ``duration_ms``: monotonic clock."""
+    def serve_logged(sock: socket.socket, peer_addr: Any, local_addr: Any = None) -> str:
+        started = time.monotonic()
+        reason = command(sock, peer_addr, local_addr)
+        counts = tcp_byte_counts(sock)
+        logger.info("connection.closed", peer=peer_text(peer_addr),
+                    duration_ms=round((time.monotonic() - started) * 1000, 3), lines=None,
+                    bytes_in=counts[0] if counts else None, bytes_out=counts[1] if counts else None, reason=reason)
+        return reason
+
+    return serve_logged

@@ -9,22 +9,24 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
+from .counters import Counters
+from .listeners import Listener, queue_stats
 from .pool import Pool, WorkerInfo
 from .scoreboard import Scoreboard
 
 
 def document(*, pid: int, state: str, generation: int, started_wall: float, config: str, pidfile: str,
              reload: Dict[str, Any], pools: Mapping[str, Pool], old_workers: Iterable[WorkerInfo],
-             scoreboard: Scoreboard, draining: bool = False,
-             agent_check: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+             scoreboard: Scoreboard, counters: Counters, endpoints: Iterable[Listener] = (),
+             draining: bool = False, agent_check: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The status document (a JSON-able dict).
-
-    :param agent_check: ``{"address": bound, "reply": the line now}``, or ``None``.
-
-    :param draining: out of rotation (``preforkd drain``, or a TERM's ``drain_delay``).
 
     :param started_wall: the first start, wall clock (seconds since the epoch).
     :param old_workers: workers of earlier generations, still being retired.
+    :param counters: the master's running totals (connections served by exited workers).
+    :param endpoints: the listeners the master answers itself (``[metrics]``, the agent-check).
+    :param draining: out of rotation (``preforkd drain``, or a TERM's ``drain_delay``).
+    :param agent_check: ``{"address": bound, "reply": the line now}``, or ``None``.
     """
     old = list(old_workers)
     services = []
@@ -32,6 +34,8 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
         workers = [_worker(w, scoreboard) for _, w in sorted(pool.workers.items())]
         workers += [_worker(w, scoreboard) for w in old if w.service == pool.name]
         census = pool.census(scoreboard)
+        slots = [w.slot for w in pool.workers.values()] + [w.slot for w in old if w.service == pool.name]
+        listeners = [_listener(lst) for lst in pool.listeners]
         services.append({
             "name": pool.name,
             "handler": pool.config.handler or None,
@@ -42,8 +46,9 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
                      "dynamic": pool.config.dynamic, "saturated": pool.saturated,
                      "worker_connections": pool.config.worker_connections,
                      "connections": sum(scoreboard.active(w.slot) for w in pool.workers.values())},
-            "listeners": [{"configured": str(lst.address), "address": lst.bound, "origin": lst.origin}
-                          for lst in pool.listeners],
+            "connections_total": counters.total(pool.name, "connections", slots, scoreboard),
+            "listen_queue": sum(lst["queue"] or 0 for lst in listeners),
+            "listeners": listeners,
             "backoff": {"failures": pool.failures, "last_failure": pool.last_failure} if pool.failures else None,
             "workers": workers,
         })
@@ -59,8 +64,16 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
         "pidfile": pidfile or None,
         "reload": reload,
         "services": services,
+        "endpoints": [{"role": lst.role, "configured": str(lst.address), "address": lst.bound, "origin": lst.origin}
+                      for lst in endpoints],
         "retiring_workers": [_worker(w, scoreboard) for w in old if w.service not in pools],
     }
+
+
+def _listener(lst: Listener) -> Dict[str, Any]:
+    stats = queue_stats(lst.sock)
+    return {"configured": str(lst.address), "address": lst.bound, "origin": lst.origin,
+            "queue": stats[0] if stats else None, "queue_limit": stats[1] if stats else None}
 
 
 def _worker(w: WorkerInfo, scoreboard: Scoreboard) -> Dict[str, Any]:

@@ -51,14 +51,15 @@ from .log import EventLog, Logger
 from .protocol import connection_server
 from .proxyproto import ProxyGate, header_timeout
 from .scoreboard import ACTIVE, ARMED, SERVED, STATE, State
-from .services import CommandService
+from .services import CommandService, logged_command
 from .signals import WORKER_RESET
 
 EXIT_INIT_FAILED = 3
 EXIT_SETUP_FAILED = 4
-#: What serves one accepted connection: ``serve_one(sock, address)``; never raises for
-#: what the client or the handler did.
-ServeOne = Callable[[socket.socket, Any], None]
+#: What serves one accepted connection: ``serve_one(sock, address)``, returning how it
+#: ended (see :func:`preforkd.protocol.serve`); never raises for what the client or the
+#: handler did.
+ServeOne = Callable[[socket.socket, Any], Any]
 #: Accept errors that mean "out of resources, try again later", logged, not fatal.
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -75,6 +76,7 @@ class WorkerEnv:
     graceful_timeout: float  # seconds
     credentials: Credentials
     event_loop: str = "auto"  # for event-driven workers: auto | asyncio | uvloop
+    access_log: bool = False  # [log] access: one connection.closed event per connection
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class Worker:
         self.reopen_log = False
         self.env = spec.env
         self.logger: Logger = spec.env.log.logger()
-        self.command = (CommandService(spec.service.command, spec.service.idle_timeout, self.logger)
+        self.command = (CommandService(spec.service.command, spec.service.idle_timeout, self.logger, spec.cells)
                         if spec.service.command else None)
         self.spares = (Spares(spec.idle_sem, spec.pool_cells, spec.service.min_spare_workers, spec.env.ready_fd)
                        if spec.idle_sem is not None and spec.pool_cells is not None else None)
@@ -230,11 +232,12 @@ class Worker:
         for sock in self.listeners:
             serve_one: ServeOne
             if self.command is not None:
-                serve_one = self.command
+                serve_one = logged_command(self.command, self.logger) if self.env.access_log else self.command
             else:
                 assert self.spec.handler is not None
                 serve_one = connection_server(self.spec.handler, self.service, self.logger,
-                                              unix=sock.family == socket.AF_UNIX)
+                                              unix=sock.family == socket.AF_UNIX, cells=self.spec.cells,
+                                              access=self.env.access_log)
             if self.service.proxy_protocol:
                 serve_one = self.proxy_gate().wrap(serve_one, with_local=self.command is not None)
             poller.register(sock.fileno(), select.EPOLLIN | exclusive)

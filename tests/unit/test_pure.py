@@ -24,7 +24,7 @@ from preforkd.config import build_config
 from preforkd.listeners import address_matches, bind, listener_specs
 from preforkd.pool import BACKOFF_MAX, backoff_delay
 from preforkd.protocol import Connection, LineTooLong, encode_reply, serve_line_function
-from preforkd.reexec import Handover, HandoverError, InheritedListener, InheritedWorker
+from preforkd.reexec import Count, Handover, HandoverError, InheritedListener, InheritedWorker
 from preforkd.scoreboard import SERVED, SLOTS, STATE, Scoreboard, ScoreboardFull, State
 from preforkd.signals import BLOCKED_ACROSS_EXEC, MASTER_SIGNALS, WORKER_RESET, describe_status
 
@@ -248,7 +248,9 @@ def _handover() -> Handover:
         workers=(InheritedWorker(pid=10, service="echo", number=1, generation=3, slot=0, ready=True, stopping=False,
                                  started_wall=1.7e9),),
         scoreboard_fd=4, alive_r=7, alive_w=8, pidfile_fd=None, pidfile_path="", control_fd=9,
-        control_path="/run/c.sock", control_file_id=(3, 4))
+        control_path="/run/c.sock", control_file_id=(3, 4),
+        counters=(Count(name="retired", labels=("echo", "connections"), value=12),
+                  Count(name="reloads", labels=("ok",), value=2)))
 
 
 def test_handover_round_trips() -> None:
@@ -272,6 +274,8 @@ def _mangle(change: dict[str, object], drop: str = "") -> str:
     (_mangle({"pending_reload": 1}), r"\.pending_reload: expected bool"),
     (_mangle({"listeners": [{"fd": 5}]}), r"\.listeners\[0\]: missing field"),
     (_mangle({"control_file_id": [1]}), r"\.control_file_id: expected an array"),
+    (_mangle({"counters": [{"name": "reloads", "labels": ["ok"], "value": "2"}]}),
+     r"\.counters\[0\]\.value: expected int"),
     ("{not json", "not JSON"),
 ])
 def test_handover_decode_names_what_is_wrong(text: str, why: str) -> None:
@@ -281,7 +285,7 @@ def test_handover_decode_names_what_is_wrong(text: str, why: str) -> None:
 
 def test_handover_fields_are_all_documented() -> None:
     doc = (Path(__file__).parent.parent.parent / "docs" / "reload.md").read_text()
-    for cls in (Handover, InheritedListener, InheritedWorker):
+    for cls in (Handover, InheritedListener, InheritedWorker, Count):
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in doc, f"docs/reload.md does not describe {cls.__name__}.{f.name}"
 
