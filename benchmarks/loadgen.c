@@ -20,6 +20,7 @@
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -262,7 +263,7 @@ static void usage(const char *argv0) {
     fprintf(stderr,
             "usage: %s [-m short|persistent] [-H host] [-p port] [-c concurrency] [-d seconds]\n"
             "          [-P payload] [-E expected-reply] [-T timeout-ms] [-S n-source-addrs]\n"
-            "  payload and reply accept \\r \\n \\t \\\\ escapes; defaults 'PING\\r\\n' and '+PONG\\r\\n'\n",
+            "  payload and reply accept \\r \\n \\t \\\\ \\xHH escapes; defaults 'PING\\r\\n' and '+PONG\\r\\n'\n",
             argv0);
     exit(2);
 }
@@ -271,7 +272,12 @@ static char *unescape(const char *in, size_t *len) {
     size_t n = strlen(in), j = 0;
     char *out = malloc(n + 1);
     for (size_t i = 0; i < n; i++) {
-        if (in[i] == '\\' && i + 1 < n) {
+        if (in[i] == '\\' && i + 3 < n && in[i + 1] == 'x' && isxdigit((unsigned char)in[i + 2])
+            && isxdigit((unsigned char)in[i + 3])) {  /* \xHH: any byte (a binary PROXY v2 header) */
+            char hex[3] = {in[i + 2], in[i + 3], 0};
+            out[j++] = (char)strtol(hex, NULL, 16);
+            i += 3;
+        } else if (in[i] == '\\' && i + 1 < n) {
             char c = in[++i];
             out[j++] = c == 'r' ? '\r' : c == 'n' ? '\n' : c == 't' ? '\t' : c;
         } else {
@@ -290,7 +296,7 @@ static void json_str(const char *s, size_t n) {
         if (c == '"' || c == '\\') printf("\\%c", c);
         else if (c == '\r') printf("\\r");
         else if (c == '\n') printf("\\n");
-        else if (c < 0x20) printf("\\u%04x", c);
+        else if (c < 0x20 || c >= 0x7f) printf("\\u%04x", c);
         else putchar(c);
     }
     putchar('"');

@@ -58,6 +58,7 @@ from .protocol import (
     ProtocolError,
     encode_reply,
 )
+from .proxyproto import ProxyError, parse
 from .scoreboard import ACTIVE, ERROR_CELL, HEARTBEAT, SERVED, STATE, State
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -200,6 +201,8 @@ class EventServer:
         self.done: asyncio.Future[int] = self.loop.create_future()
         self.tick = sweep_interval(svc.idle_timeout, svc.line_timeout)
         self.call_line = _line_caller(self.handler.kind, self.handler.target)
+        #: A ``proxy_protocol`` service's gate: each connection's first bytes are its header.
+        self.gate = worker.proxy_gate() if svc.proxy_protocol else None
         #: [log] access: connections that count what they do and log connection.closed
         self.connection_class = CountingLineConnection if worker.env.access_log else LineConnection
         #: [log] access: connection.closed, buffered, flushed once per loop turn that logged one
@@ -290,8 +293,12 @@ class EventServer:
                     self._accept(False)
                     self.loop.call_later(ACCEPT_BACKOFF, self._resume_accepting)
                 return
+            if self.gate is not None and not self.gate.trusts(addr):
+                self.gate.reject(addr, "peer not in proxy_trusted")
+                sock.close()
+                continue
             sock.setblocking(False)
-            conn = self.connection_class(self, addr)
+            conn = self.connection_class(self, addr, proxied=self.gate is not None)
             self._opened(conn)
             task = self.loop.create_task(self.loop.connect_accepted_socket(conn.itself, sock))
             task.add_done_callback(functools.partial(self._attached, conn=conn, sock=sock))
@@ -367,9 +374,11 @@ class LineConnection(asyncio.Protocol):
     (buffered, never blocking). Times are on the loop's clock (monotonic seconds)."""
 
     __slots__ = (
+        "_accepted",
         "_buf",
         "_closing",
         "_eof",
+        "_header",
         "_instance",
         "_line_started",
         "_lines",
@@ -382,9 +391,12 @@ class LineConnection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, server: EventServer, addr: Any) -> None:
+    def __init__(self, server: EventServer, addr: Any, proxied: bool = False) -> None:
         self.server = server
         self.addr = addr
+        #: The PROXY protocol header's bytes so far, while it is awaited; ``None`` after
+        #: (or for a service without ``proxy_protocol``).
+        self._header: Optional[bytes] = b"" if proxied else None
         self.transport: Optional[asyncio.Transport] = None
         self._buf = b""
         self._eof = False
@@ -395,7 +407,7 @@ class LineConnection(asyncio.Protocol):
         self._lines: Optional[Deque[str]] = None  # lines waiting for an awaiting handler
         self._task: Optional[asyncio.Task[None]] = None
         self._instance: Optional[LineHandler] = None
-        self.last_input = server.loop.time()
+        self.last_input = self._accepted = server.loop.time()
 
     def itself(self) -> LineConnection:
         """The protocol factory of this one connection."""
@@ -444,6 +456,13 @@ class LineConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        if self._header is None:
+            self._begin()
+        # else the handler starts once the PROXY header is in (proxy-protocol.txt section 2:
+        # nothing is processed, no greeting sent, before a complete and valid header)
+
+    def _begin(self) -> None:
+        """The connection is the handler's: make its instance and send its greeting."""
         handler = self.server.handler
         if handler.kind is not HandlerKind.CLASS:
             return
@@ -467,6 +486,11 @@ class LineConnection(asyncio.Protocol):
             self._discard(len(data))
             return
         self.last_input = self.server.loop.time()
+        if self._header is not None:
+            rest = self._take_header(data)
+            if not rest or self.ending():
+                return
+            data = rest
         buf = self._buf + data if self._buf else data
         limit = self.server.service.max_line_length
         out: List[bytes] = []
@@ -509,6 +533,10 @@ class LineConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self._header is not None:
+            self._reject_header("connection closed before a complete header" if self._header
+                                else "connection closed without a header")
+            return False
         if self._closing:
             self._close_now()
             return False
@@ -548,6 +576,38 @@ class LineConnection(asyncio.Protocol):
         self._write_paused_at = 0.0
         if self.transport is not None and self._task is None and not self._closing:
             self.transport.resume_reading()
+
+    # -- the PROXY protocol header -------------------------------------------------------
+
+    def _take_header(self, data: bytes) -> bytes:
+        """Add *data* to the header awaited; once it is whole (:func:`preforkd.proxyproto.parse`,
+        bounded at 107 or 65,551 bytes), take the client's address from it, start the
+        handler, and return the bytes after it (``b""`` while incomplete or rejected)."""
+        buf = self._header + data if self._header else data
+        try:
+            header = parse(buf)
+        except ProxyError as exc:
+            self._reject_header(str(exc))
+            return b""
+        if header is None:
+            self._header = buf
+            return b""
+        self._header = None
+        if header.source is not None:
+            self.addr = header.source
+        self._begin()
+        return buf[header.length:]
+
+    def _reject_header(self, reason: str) -> None:
+        """``proxy.rejected`` with the real peer; the connection is dropped (no reply:
+        the sender speaks the PROXY protocol, not ours)."""
+        gate = self.server.gate
+        if gate is not None:
+            gate.reject(self.addr, reason)
+        self._header = None
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- lines ------------------------------------------------------------------------------
 
@@ -642,6 +702,11 @@ class LineConnection(asyncio.Protocol):
         than *line* seconds, or it has been silent (or not reading) for *idle* seconds."""
         if self._closing or self._task is not None:
             return
+        if self._header is not None:
+            gate = self.server.gate
+            if gate is not None and now - self._accepted >= gate.timeout:
+                self._reject_header(f"no complete header within {gate.timeout:g} s")
+            return
         if self._write_paused_at:  # we stopped reading it: only its not reading counts
             if now - self._write_paused_at >= idle:
                 self._protocol_error(IdleTimeout("client stopped reading"))
@@ -710,8 +775,8 @@ class CountingLineConnection(LineConnection):
 
     __slots__ = ("_opened_at", "bytes_in", "bytes_out", "lines", "reason")
 
-    def __init__(self, server: EventServer, addr: Any) -> None:
-        super().__init__(server, addr)
+    def __init__(self, server: EventServer, addr: Any, proxied: bool = False) -> None:
+        super().__init__(server, addr, proxied)
         self._opened_at = server.loop.time()
         self.bytes_in = self.bytes_out = self.lines = 0
         self.reason = ""

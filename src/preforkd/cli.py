@@ -1,4 +1,4 @@
-"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,top,check,sample-config}``.
+"""The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,top,check,drain,undrain,sample-config}``.
 
 The configuration file is ``-c FILE``, else ``$PREFORKD_CONFIG``, else
 ``/etc/preforkd/preforkd.toml`` if it exists, else the built-in default.
@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "configuration (etc/preforkd.toml in the source tree) or a systemd unit.")
     sp.add_argument("name", nargs="?", default=SAMPLE_FILES[0], choices=SAMPLE_FILES,
                     help=f"which file (default {SAMPLE_FILES[0]})")
+    sub.add_parser("drain", parents=[common], help="take this host out of the load balancer's rotation "
+                                                  "(the agent-check says drain); keep serving")
+    sub.add_parser("undrain", parents=[common], help="put this host back into rotation")
     return p
 
 
@@ -128,7 +131,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"preforkd: warning: {exc}", file=sys.stderr)
         config = fallback
     action = {"run": _run, "start": _start, "stop": _stop, "reload": _reload, "status": _status,
-              "check": _check, "top": _top}[command]
+              "check": _check, "top": _top, "drain": _drain, "undrain": _drain}[command]
     try:
         return action(Invocation(config, handlers, config_arg, args))
     except KeyboardInterrupt:
@@ -322,6 +325,26 @@ def _reload(inv: Invocation) -> int:
                 return EXIT_FAIL
     print(f"preforkd: reload not finished after {args.timeout:g} s", file=sys.stderr)
     return EXIT_FAIL
+
+
+def _drain(inv: Invocation) -> int:
+    """``drain`` / ``undrain``: the command of that name on the control socket."""
+    from .control import query
+
+    command, sock = inv.args.command, inv.config.supervisor.control_socket
+    try:
+        reply = json.loads(query(sock, command))
+    except (OSError, ValueError) as exc:
+        print(f"preforkd: {command}: cannot reach the control socket {sock}: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    if not isinstance(reply, dict) or "draining" not in reply:
+        print(f"preforkd: {command}: unexpected reply {reply!r}", file=sys.stderr)
+        return EXIT_FAIL
+    if reply["draining"]:
+        print("preforkd: draining (the agent-check says drain; connections are still served)")
+    else:
+        print("preforkd: in rotation (the agent-check says up)")
+    return EXIT_OK
 
 
 def _status(inv: Invocation) -> int:

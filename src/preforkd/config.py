@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import grp
 import importlib.util
+import ipaddress
 import os
 import pwd
 import sys
@@ -45,6 +46,8 @@ MAX_WORKER_CONNECTIONS = 1_000_000
 EVENT_LOOPS = ("auto", "asyncio", "uvloop")
 #: listen(2) takes an int; the kernel caps it at net.core.somaxconn anyway.
 MAX_BACKLOG = 2 ** 31 - 1
+#: Who may send a PROXY protocol header by default: this host only.
+DEFAULT_PROXY_TRUSTED = ("127.0.0.0/8", "::1/128")
 #: Workers per pool (TTIN stops there too); the scoreboard has room for four times
 #: that in all, old generations included.
 MAX_WORKERS = 1024
@@ -79,6 +82,8 @@ class SupervisorConfig:
     group: str
     python_path: Tuple[str, ...]
     event_loop: str  # auto | asyncio | uvloop: the event-driven workers' loop
+    agent_check: Optional[Address]  # HAProxy agent-check listener (tcp:// only), or None
+    drain_delay: float  # seconds of "drain" on TERM before the listeners close; 0 = none
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,8 @@ class ServiceConfig:
     line_timeout: float  # seconds from a line's first byte to its end
     timeout: float  # seconds a worker may spend in handler code (or its loop may stall); 0 = never
     max_rss: int  # MiB; a worker above it is replaced after the connection in hand; 0 = never
+    proxy_protocol: bool = False  # every connection starts with a PROXY v1 or v2 header
+    proxy_trusted: Tuple[str, ...] = DEFAULT_PROXY_TRUSTED  # CIDR networks allowed to send one
 
     @property
     def dynamic(self) -> bool:
@@ -217,11 +224,14 @@ class _Validator:
             raise self.fail(f"{keypath}.{key}", f"must be at most {maximum}, got {value}")
         return value
 
-    def number(self, data: Dict[str, Any], key: str, keypath: str, default: float) -> float:
+    def number(self, data: Dict[str, Any], key: str, keypath: str, default: float, allow_zero: bool = False) -> float:
         value = data.get(key, default)
+        if allow_zero and value == 0 and not isinstance(value, bool):
+            return 0.0
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != value  # nan
                 or value < MIN_SECONDS):
-            raise self.fail(f"{keypath}.{key}", f"must be a number of seconds >= {MIN_SECONDS:g}, got {_show(value)}")
+            least = f"0 or >= {MIN_SECONDS:g}" if allow_zero else f">= {MIN_SECONDS:g}"
+            raise self.fail(f"{keypath}.{key}", f"must be a number of seconds {least}, got {_show(value)}")
         if value > MAX_SECONDS:  # inf too: the kernel's timers want a number
             raise self.fail(f"{keypath}.{key}", f"must be at most {MAX_SECONDS} seconds, got {_show(value)}")
         return float(value)
@@ -254,7 +264,7 @@ class _Validator:
 
 SUPERVISOR_KEYS = (
     "pidfile", "control_socket", "graceful_timeout", "working_directory",
-    "umask", "user", "group", "python_path", "event_loop",
+    "umask", "user", "group", "python_path", "event_loop", "agent_check", "drain_delay",
 )
 LOG_KEYS = ("level", "format", "file", "access")
 METRICS_KEYS = ("listen",)
@@ -262,7 +272,7 @@ SERVICE_KEYS = (
     "name", "listen", "handler", "command", "workers", "max_requests", "idle_timeout",
     "max_line_length", "backlog", "socket_mode", "reuse_port",
     "max_workers", "min_spare_workers", "max_spare_workers", "worker_connections", "line_timeout",
-    "timeout", "max_rss",
+    "timeout", "max_rss", "proxy_protocol", "proxy_trusted",
 )
 
 #: The built-in default: echo on 127.0.0.1:7000, a dynamic pool of 4 to 64 workers (so
@@ -376,6 +386,8 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
         group=v.string(sup, "group", "supervisor", ""),
         python_path=tuple(v.path(p) for p in python_path),
         event_loop=v.string(sup, "event_loop", "supervisor", "auto"),
+        agent_check=_agent_check(v, sup),
+        drain_delay=v.number(sup, "drain_delay", "supervisor", 0, allow_zero=True),
     )
     if supervisor.event_loop not in EVENT_LOOPS:
         raise v.fail("supervisor.event_loop", f"must be one of {', '.join(EVENT_LOOPS)}, got "
@@ -428,6 +440,10 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
                 raise v.fail(f"{kp}.listen[{j}]", f"{addr} is already used by {other}")
             addresses[key] = f"{kp}.listen[{j}] ({svc.name})"
         services.append(svc)
+    agent = supervisor.agent_check
+    agent_key = agent.identity() if agent is not None else None
+    if agent_key is not None and agent_key in addresses:
+        raise v.fail("supervisor.agent_check", f"{agent} is already used by {addresses[agent_key]}")
     _check_own_files(v, supervisor, log, services)
 
     return Config(path=abspath, supervisor=supervisor, log=log, services=tuple(services), metrics=metrics)
@@ -515,6 +531,8 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
     if command and worker_connections > 1:
         raise v.fail(f"{kp}.worker_connections", "a command service serves one connection per worker "
                      f"(its program owns the socket): must be 1, got {worker_connections}")
+    proxy_protocol = v.boolean(svc, "proxy_protocol", kp, False)
+    proxy_trusted = _networks(v, svc, kp)
     return ServiceConfig(
         name=name,
         listen=tuple(listen),
@@ -534,6 +552,8 @@ def _service(v: _Validator, raw: Any, kp: str) -> ServiceConfig:
         backlog=v.integer(svc, "backlog", kp, 1024, 1, MAX_BACKLOG),
         socket_mode=v.octal(svc, "socket_mode", kp, "0660"),
         reuse_port=v.boolean(svc, "reuse_port", kp, False),
+        proxy_protocol=proxy_protocol,
+        proxy_trusted=proxy_trusted,
     )
 
 
@@ -545,6 +565,39 @@ def _timeout(v: _Validator, svc: Dict[str, Any], kp: str) -> float:
     if value < 1:
         raise v.fail(f"{kp}.timeout", f"must be 0 (off) or at least 1 second, got {_show(svc['timeout'])}")
     return value
+
+
+def _networks(v: _Validator, svc: Dict[str, Any], kp: str) -> Tuple[str, ...]:
+    """``proxy_trusted``: CIDR networks (or single addresses), each checked with
+    :mod:`ipaddress` (host bits set are an error: ``10.0.0.1/8`` is a typo for
+    something), kept as their normalised text."""
+    raw = svc.get("proxy_trusted", list(DEFAULT_PROXY_TRUSTED))
+    if not isinstance(raw, list):
+        raise v.fail(f"{kp}.proxy_trusted", f'must be an array of networks such as "10.0.0.0/8", got {_show(raw)}')
+    out = []
+    for j, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise v.fail(f"{kp}.proxy_trusted[{j}]", f"must be a string, got {_show(item)}")
+        try:
+            out.append(str(ipaddress.ip_network(item, strict=True)))
+        except ValueError as exc:
+            raise v.fail(f"{kp}.proxy_trusted[{j}]", f"not a network: {exc}") from None
+    return tuple(out)
+
+
+def _agent_check(v: _Validator, sup: Dict[str, Any]) -> Optional[Address]:
+    """``agent_check``: "" (off) or a ``tcp://`` address (HAProxy's agent connects over TCP)."""
+    text = v.string(sup, "agent_check", "supervisor", "")
+    if not text:
+        return None
+    try:
+        addr = parse_address(text, v.base_dir)
+    except AddressError as exc:
+        raise v.fail("supervisor.agent_check", str(exc)) from None
+    if addr.kind != "tcp":
+        raise v.fail("supervisor.agent_check", f"must be a tcp:// address (HAProxy connects over TCP), "
+                     f"got {_show(text)}")
+    return addr
 
 
 def _check_own_files(v: _Validator, supervisor: SupervisorConfig, log: LogConfig,

@@ -3,7 +3,9 @@
 Commands, one line each; the reply is one line, then the server closes:
 
 * ``status`` — the status document as one JSON object (see ``docs/operations.md``, Status);
-* ``ping`` — ``pong``.
+* ``ping`` — ``pong``;
+* the master's own commands (``drain``, ``undrain``: see ``docs/scale-out.md``), each
+  answering one line.
 
 Everything is non-blocking and driven by the master's selector, so a slow or
 silent client never stalls the master loop; a client gets
@@ -42,11 +44,14 @@ class ControlServer:
     """Serves the control protocol from inside the master loop.
 
     :param status: a callable returning the status document (a JSON-able dict).
+    :param commands: more commands: name -> a callable returning the reply line.
     """
 
-    def __init__(self, selector: selectors.BaseSelector, status: Callable[[], Dict[str, Any]]) -> None:
+    def __init__(self, selector: selectors.BaseSelector, status: Callable[[], Dict[str, Any]],
+                 commands: Optional[Dict[str, Callable[[], str]]] = None) -> None:
         self.selector = selector
         self.status = status
+        self.commands = commands or {}
         self.sock: Optional[socket.socket] = None
         self.path = ""
         self.file_id: Optional[Tuple[int, int]] = None
@@ -141,6 +146,8 @@ class ControlServer:
             return json.dumps(self.status(), separators=(",", ":"))
         if cmd == "ping":
             return "pong"
+        if cmd in self.commands:
+            return self.commands[cmd]()
         return json.dumps({"error": f"unknown command {line[:40]!r}; try status or ping"})
 
     def _drop(self, client: _Client) -> None:

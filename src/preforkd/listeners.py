@@ -13,6 +13,7 @@ socket file this supervisor created (same device and inode) is ever unlinked.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import socket
 import stat
@@ -24,6 +25,10 @@ from .addresses import Address
 from .config import Config, ServiceConfig
 from .log import Logger
 from .reexec import InheritedListener
+
+#: Seconds a PROXY protocol header may take (kept equal to
+#: :data:`preforkd.proxyproto.HEADER_TIMEOUT`, which imports this module).
+PROXY_HEADER_TIMEOUT = 5.0
 
 
 class ListenerError(Exception):
@@ -253,10 +258,20 @@ def set_recv_timeout(sock: socket.socket, seconds: float) -> None:
 def tune(listener: Listener, service: ServiceConfig) -> None:
     """Set what accepted TCP connections inherit from *listener*: ``TCP_NODELAY`` and
     *service*'s ``idle_timeout``. Unix connections inherit neither; workers set the
-    timeouts on those themselves."""
+    timeouts on those themselves.
+
+    A ``proxy_protocol`` service's TCP listener also gets ``TCP_DEFER_ACCEPT`` (tcp(7),
+    nginx's ``deferred``): the balancer always speaks first (the header), so a
+    connection is handed to a worker once its first bytes are in, not before, and the
+    worker reads its header without waiting. The value, in seconds, is the header
+    timeout rounded up; after it the kernel hands the connection over anyway, and the
+    worker's own header timeout ends it. Any other listener gets 0 (off), so a reload
+    that turns ``proxy_protocol`` off turns it off on an inherited socket too."""
     if not listener.is_unix:
         listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         set_timeouts(listener.sock, service.idle_timeout)
+        defer = math.ceil(min(PROXY_HEADER_TIMEOUT, service.idle_timeout)) if service.proxy_protocol else 0
+        listener.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
 
 
 # -- the configured set --------------------------------------------------------
@@ -272,7 +287,8 @@ class ListenerSpec:
     """One configured listener and the key it is known by across reloads.
 
     ``role`` is ``"service"`` for a service's listener (``service`` set), or the name of
-    an endpoint the master answers itself (``"metrics"``; ``service`` is ``None``): see
+    an endpoint the master answers itself (``"metrics"``, ``"agent_check"``; ``service``
+    is ``None``): see
     :func:`endpoint_addresses`.
     """
 
@@ -296,10 +312,13 @@ class ListenerSpec:
 
 def endpoint_addresses(config: Config) -> List[Tuple[str, Address]]:
     """The configured endpoints the master answers itself, as ``(role, address)``:
-    ``("metrics", [metrics] listen)`` when set."""
+    ``("metrics", [metrics] listen)`` and ``("agent_check", [supervisor] agent_check)``
+    when set."""
     out: List[Tuple[str, Address]] = []
     if config.metrics.listen is not None:
         out.append(("metrics", config.metrics.listen))
+    if config.supervisor.agent_check is not None:
+        out.append(("agent_check", config.supervisor.agent_check))
     return out
 
 

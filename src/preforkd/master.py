@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import json
 import os
 import selectors
 import signal
@@ -29,7 +30,7 @@ import time
 from types import FrameType
 from typing import Any, Callable, Deque, Dict, List, Optional
 
-from . import reexec, status
+from . import agent, reexec, status
 from .config import Config, credentials
 from .control import ControlServer
 from .counters import Counters
@@ -96,7 +97,8 @@ class Master:
         self.counters = Counters(handover.counters if handover else ())
         self.reloader = Reloader(config_arg, self.selector, self.logger, self.notifier, self.commit_reload,
                                  handover, self.counters)
-        self.control = ControlServer(self.selector, self.status)
+        self.control = ControlServer(self.selector, self.status, {"drain": self.drain, "undrain": self.undrain})
+        self.agent: Optional[Endpoint] = None  # the agent-check endpoint, when configured (also in endpoints)
         self.pools: Dict[str, Pool] = {}
         self.listeners: Dict[str, Listener] = {}  # listener key -> listener
         self.pidfile: Optional[Pidfile] = None
@@ -112,6 +114,10 @@ class Master:
         #: Told "serving echo on tcp://... (4 workers)" once at first readiness (the CLI
         #: sets it when a person watches the terminal).
         self.announce: Optional[Callable[[str], None]] = None
+        #: Out of rotation by the operator (``preforkd drain``); crosses reloads.
+        self.drained = handover.drained if handover else False
+        #: TERM with ``drain_delay``: when the graceful stop begins (monotonic seconds).
+        self.stop_at: Optional[float] = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -151,8 +157,9 @@ class Master:
         self.control.take_over(self.config.supervisor.control_socket, h.control_fd if h else None,
                                h.control_path if h else "", h.control_file_id if h else None)
         self._open_endpoints()
+        specs = listener_specs(self.config)
         for svc in self.config.services:
-            lsts = [self.listeners[s.key] for s in listener_specs(self.config) if s.service is svc]
+            lsts = [self.listeners[s.key] for s in specs if s.service is svc]
             self.pools[svc.name] = Pool.create(svc, lsts, self.handlers.get(svc.name), self.scoreboard)
         for inherited in h.workers if h else ():
             w = self.workers.inherit(inherited)
@@ -183,6 +190,8 @@ class Master:
             endpoint.tick(now)
         self._feed_watchdog(now)
         self.reloader.poll(now)
+        if self.stop_at is not None and now >= self.stop_at and self.phase is not Phase.STOPPING:
+            self.begin_stop(graceful=True, signame="SIGTERM")
         if self.phase is Phase.STOPPING:
             if not self.workers:
                 self._finish_stop()
@@ -195,7 +204,7 @@ class Master:
             self._become_ready()
         elif self.phase is Phase.RELOADING or self.workers.old:
             self._retire_replaced(now)
-        if self.phase is Phase.RUNNING:
+        if self.phase is Phase.RUNNING and self.stop_at is None:
             self.reloader.start_if_pending()
             if self.renderer is not None and not self.renderer.ready:
                 self.renderer.prepare()  # prometheus-client's import, once serving (not in a reload's way)
@@ -213,7 +222,16 @@ class Master:
             self.reloader.request()
 
     def handle_term(self) -> None:
-        """Graceful stop."""
+        """Graceful stop; with ``drain_delay``, first that many seconds of draining, in
+        which everything goes on serving and accepting but the agent says ``drain`` (a
+        second TERM cuts it short)."""
+        delay = self.config.supervisor.drain_delay
+        if delay > 0 and self.stop_at is None and self.phase in (Phase.RUNNING, Phase.RELOADING):
+            self.stop_at = time.monotonic() + delay
+            self.reloader.abort()  # no re-exec while draining: the new image would not know
+            self.logger.info("supervisor.draining", reason="SIGTERM", drain_delay=delay)
+            self.notifier.status(f"draining for {delay:g} s, then stopping")
+            return
         self.begin_stop(graceful=True, signame="SIGTERM")
 
     def handle_int(self) -> None:
@@ -247,6 +265,34 @@ class Master:
         if self.phase is not Phase.STOPPING:
             for pool in self.pools.values():
                 pool.resize(delta, self.logger)
+
+    # -- draining (docs/scale-out.md) ---------------------------------------------------
+
+    def drain(self) -> str:
+        """Control command ``drain``: out of rotation (the agent says ``drain``), still
+        serving. Returns the reply line (JSON)."""
+        if not self.drained:
+            self.drained = True
+            self.logger.info("supervisor.draining", reason="control")
+        return json.dumps({"draining": True})
+
+    def undrain(self) -> str:
+        """Control command ``undrain``: back in rotation, unless a TERM's drain is under way."""
+        if self.drained:
+            self.drained = False
+            self.logger.info("supervisor.undrained", reason="control")
+        return json.dumps({"draining": self.draining})
+
+    def agent_reply(self) -> str:
+        """The agent-check's line now (:mod:`preforkd.agent`): ``down`` once stopping,
+        ``drain`` while draining, else ``up ready N%`` with N the spare capacity."""
+        return agent.reply(self.phase is Phase.STOPPING, self.draining,
+                           agent.spare_percent(self.pools.values(), self.scoreboard))
+
+    @property
+    def draining(self) -> bool:
+        """Out of rotation: drained by the operator, or in a TERM's ``drain_delay``."""
+        return self.drained or self.stop_at is not None
 
     # -- children ----------------------------------------------------------------------
 
@@ -330,7 +376,7 @@ class Master:
             return str(exc)
         self.control.close_clients()
         for endpoint in self.endpoints:
-            endpoint.close_clients()
+            endpoint.close_clients()  # their sockets are not handed over
         listeners = list(self.listeners.values()) + prebound
         for lst in listeners:
             lst.sock.setblocking(False)
@@ -344,7 +390,7 @@ class Master:
             pidfile_fd=self.pidfile.fd if self.pidfile else None,
             pidfile_path=self.pidfile.path if self.pidfile else "",
             control_fd=self.control.fileno(), control_path=self.control.path,
-            control_file_id=self.control.file_id, counters=self.counters.handover())
+            control_file_id=self.control.file_id, counters=self.counters.handover(), drained=self.drained)
         self.logger.info("config.reexec", generation=self.generation + 1, reload_seq=self.reloader.seq)
         error = reexec.reexec(handover, self.config_arg, text)
         for lst in prebound:
@@ -366,9 +412,10 @@ class Master:
         self.reloader.abort()
         for w in self.workers.all():
             self.workers.stop(w, graceful=graceful, reason=signame)
-        self._close_endpoints()
+        self._close_endpoints(keep=self.agent)  # the agent says "down" until the master exits
         for lst in self.listeners.values():  # no new clients: close our copies, remove socket files
-            lst.close()
+            if self.agent is None or lst is not self.agent.listener:
+                lst.close()
         self._report("ERROR stopped before it was ready")
 
     def _finish_stop(self) -> None:
@@ -419,32 +466,46 @@ class Master:
                 deadlines.append(now + 0.25)
         deadlines += self.workers.deadlines()
         deadlines += [t for t in (ep.deadline() for ep in self.endpoints) if t is not None]
-        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.watchdog.deadline()) if t]
+        stop_at = self.stop_at if self.phase is not Phase.STOPPING else None  # once due, it is done
+        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.watchdog.deadline(), stop_at)
+                      if t is not None]
         return max(0.0, min(deadlines) - now)
 
     def status(self) -> Dict[str, Any]:
         """The status document served on the control socket (:mod:`preforkd.status`)."""
+        draining_to_stop = self.stop_at is not None and self.phase is not Phase.STOPPING
+        endpoint = self.agent.listener if self.agent is not None else None
         return status.document(
-            pid=self.pid, state=self.phase.value, generation=self.generation, started_wall=self.started_wall,
+            pid=self.pid, state="draining" if draining_to_stop else self.phase.value, draining=self.draining,
+            generation=self.generation, started_wall=self.started_wall,
             config=self.config.source, pidfile=self.pidfile.path if self.pidfile else "",
             reload=self.reloader.document(), pools=self.pools, old_workers=self.workers.old.values(),
             scoreboard=self.scoreboard, counters=self.counters,
-            endpoints=[lst for lst in self.listeners.values() if lst.role != "service"])
+            endpoints=[lst for lst in self.listeners.values() if lst.role != "service"],
+            agent_check={"address": endpoint.bound, "reply": self.agent_reply()} if endpoint is not None else None)
 
     # -- endpoints the master answers itself -------------------------------------------
 
     def _open_endpoints(self) -> None:
-        """Serve ``[metrics]`` on its listener (bound or adopted with the others)."""
+        """Serve ``[metrics]`` and the agent-check on their listeners (bound or adopted
+        with the others)."""
         for spec in listener_specs(self.config):
             if spec.role == "metrics":
                 self.renderer = Renderer(self)
                 endpoint = metrics_endpoint(self.listeners[spec.key], self.selector, self.logger, self.renderer)
-                endpoint.start()
-                self.endpoints.append(endpoint)
+            elif spec.role == "agent_check":
+                endpoint = self.agent = agent.endpoint(self.listeners[spec.key], self.selector, self.agent_reply,
+                                                       self.logger)
+            else:
+                continue
+            endpoint.start()
+            self.endpoints.append(endpoint)
 
-    def _close_endpoints(self) -> None:
-        """Stop answering on the endpoints (their listeners are closed with the others)."""
+    def _close_endpoints(self, keep: Optional[Endpoint] = None) -> None:
+        """Stop answering on the endpoints but *keep* (their listeners are closed with the
+        others)."""
         for endpoint in self.endpoints:
-            endpoint.close()
-        self.endpoints = []
+            if endpoint is not keep:
+                endpoint.close()
+        self.endpoints = [keep] if keep is not None else []
 

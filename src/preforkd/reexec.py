@@ -105,6 +105,7 @@ class Handover:
     control_path: str
     control_file_id: Optional[Tuple[int, int]]
     counters: Tuple[Count, ...]  # the master's running totals (metrics never go backwards)
+    drained: bool = False  # taken out of rotation with ``preforkd drain`` (the agent says "drain")
 
     def fds(self) -> List[int]:
         """Every descriptor that must survive ``execve``."""

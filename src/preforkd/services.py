@@ -69,18 +69,25 @@ class CommandService:
         #: The process group (= pid) of the program serving the connection in hand; 0 = none.
         self.group = 0
 
-    def __call__(self, sock: socket.socket, peer_addr: Any) -> str:
+    def __call__(self, sock: socket.socket, peer_addr: Any, local_addr: Any = None) -> str:
         """Serve one connection; returns when the program has exited, with how the
         connection ended: ``program_exited``, ``program_timeout`` (it outlived
         ``idle_timeout`` and was killed) or ``exec_failed``. The caller closes *sock*.
-        Failures are logged, never raised."""
+        Failures are logged, never raised.
+
+        :param peer_addr: the client's address: ``accept()``'s, or a PROXY protocol
+            header's (a ``(host, port)`` tuple is a TCP client, anything else a Unix one).
+        :param local_addr: the address the client connected to, from a PROXY protocol
+            header; ``None``: the socket's own (``getsockname``).
+        """
         argv, logger = self.argv, self.logger
         env = {"PATH": SAFE_PATH, "LANG": os.environ.get("LANG", "C.UTF-8")}
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
+        if isinstance(peer_addr, tuple):
             env["PROTO"] = "TCP"
             env["TCPREMOTEIP"], env["TCPREMOTEPORT"] = _split(peer_addr)
             try:
-                env["TCPLOCALIP"], env["TCPLOCALPORT"] = _split(sock.getsockname())
+                local = local_addr if isinstance(local_addr, tuple) else sock.getsockname()
+                env["TCPLOCALIP"], env["TCPLOCALPORT"] = _split(local)
             except OSError:
                 pass
         else:
@@ -131,15 +138,15 @@ class CommandService:
                 pass
 
 
-def logged_command(command: CommandService, log_closed: HotEvent) -> Callable[[socket.socket, Any], str]:
+def logged_command(command: CommandService, log_closed: HotEvent) -> Callable[..., str]:
     """*command* with one ``connection.closed`` event per connection (``[log] access``)
     through *log_closed*.
     The program owns the socket, so lines are not known (``null``) and the byte counts
     come from the kernel's ``TCP_INFO`` (:func:`preforkd.listeners.tcp_byte_counts`;
     ``null`` for a Unix-domain client). ``duration_ms``: monotonic clock."""
-    def serve_logged(sock: socket.socket, peer_addr: Any) -> str:
+    def serve_logged(sock: socket.socket, peer_addr: Any, local_addr: Any = None) -> str:
         started = time.monotonic()
-        reason = command(sock, peer_addr)
+        reason = command(sock, peer_addr, local_addr)
         counts = tcp_byte_counts(sock)
         log_closed(peer=peer_text(peer_addr), duration_ms=round((time.monotonic() - started) * 1000, 3), lines=None,
                    bytes_in=counts[0] if counts else None, bytes_out=counts[1] if counts else None, reason=reason)

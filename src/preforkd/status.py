@@ -7,7 +7,7 @@ it as it is.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from .counters import Counters
 from .listeners import Listener, queue_stats
@@ -17,13 +17,16 @@ from .scoreboard import Scoreboard
 
 def document(*, pid: int, state: str, generation: int, started_wall: float, config: str, pidfile: str,
              reload: Dict[str, Any], pools: Mapping[str, Pool], old_workers: Iterable[WorkerInfo],
-             scoreboard: Scoreboard, counters: Counters, endpoints: Iterable[Listener] = ()) -> Dict[str, Any]:
+             scoreboard: Scoreboard, counters: Counters, endpoints: Iterable[Listener] = (),
+             draining: bool = False, agent_check: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The status document (a JSON-able dict).
 
     :param started_wall: the first start, wall clock (seconds since the epoch).
     :param old_workers: workers of earlier generations, still being retired.
     :param counters: the master's running totals (connections served by exited workers).
-    :param endpoints: the listeners the master answers itself (``[metrics]``).
+    :param endpoints: the listeners the master answers itself (``[metrics]``, the agent-check).
+    :param draining: out of rotation (``preforkd drain``, or a TERM's ``drain_delay``).
+    :param agent_check: ``{"address": bound, "reply": the line now}``, or ``None``.
     """
     old = list(old_workers)
     services = []
@@ -52,6 +55,8 @@ def document(*, pid: int, state: str, generation: int, started_wall: float, conf
     return {
         "pid": pid,
         "state": state,
+        "draining": draining,
+        "agent_check": agent_check,
         "generation": generation,
         "uptime": round(time.time() - started_wall, 3),
         "started": started_wall,
@@ -108,8 +113,12 @@ def _duration(seconds: float) -> str:
 
 def render(st: Mapping[str, Any]) -> str:
     """The status document as the lines ``preforkd status`` prints."""
-    lines: List[str] = [f"preforkd master pid {st['pid']}, {st['state']}, generation {st['generation']}, "
+    drained = ", drained" if st.get("draining") and st["state"] != "draining" else ""
+    lines: List[str] = [f"preforkd master pid {st['pid']}, {st['state']}{drained}, generation {st['generation']}, "
                         f"up {_duration(st['uptime'])}", f"  config {st['config']}"]
+    agent = st.get("agent_check")
+    if agent:
+        lines.append(f"  agent-check {agent['address']}: {agent['reply']}")
     rel = st.get("reload") or {}
     if rel.get("state") == "failed":
         lines.append(f"  last reload failed: {rel.get('error')}")

@@ -51,6 +51,7 @@ from .config import Credentials, ServiceConfig
 from .handler import Handler
 from .log import HOT_BUFFER, EventLog, HotEvent, Logger
 from .protocol import connection_server
+from .proxyproto import ProxyGate, header_timeout
 from .scoreboard import ACTIVE, ARMED, CALL_SINCE, HEARTBEAT, SERVED, STATE, State
 from .services import CommandService, logged_command
 from .signals import WORKER_RESET
@@ -250,11 +251,18 @@ class Worker:
                                               unix=sock.family == socket.AF_UNIX,
                                               cells=self.spec.cells if self.service.timeout else None,
                                               counters=self.spec.cells, access=self.access)
+            if self.service.proxy_protocol:
+                serve_one = self.proxy_gate().wrap(serve_one, with_local=self.command is not None)
             poller.register(sock.fileno(), select.EPOLLIN | exclusive)
             servers[sock.fileno()] = (sock, serve_one)
         poller.register(self.env.alive_fd, select.EPOLLIN)
         poller.register(self.wake_r, select.EPOLLIN)
         return poller, servers
+
+    def proxy_gate(self) -> ProxyGate:
+        """The PROXY protocol gate of this worker's service (``proxy_protocol``)."""
+        svc = self.service
+        return ProxyGate(svc.proxy_trusted, header_timeout(svc.idle_timeout), self.logger)
 
     def announce_ready(self) -> None:
         """Tell the master we accept (our pid on the report pipe, which stays open for
