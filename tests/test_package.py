@@ -75,9 +75,10 @@ def test_metadata_and_description_stand_on_their_own(dist):
     links = re.findall(r"\]\(([^)]+)\)", description)
     assert all(link.startswith(("https://", "#")) for link in links), links  # nothing repository-relative
     # The sample configuration and the units travel with the code, byte for byte.
-    assert shipped == {"preforkd/_etc/preforkd.toml": (ROOT / "etc/preforkd.toml").read_text(),
-                       "preforkd/_systemd/preforkd.service": (ROOT / "systemd/preforkd.service").read_text(),
-                       "preforkd/_systemd/preforkd.socket": (ROOT / "systemd/preforkd.socket").read_text()}
+    # (preforkd/_etc/ is the tree's etc/, preforkd/_systemd/ its systemd/.)
+    expected = {f"preforkd/_{path.relative_to(ROOT)}": path.read_text()
+                for top in ("etc", "systemd") for path in sorted((ROOT / top).rglob("*")) if path.is_file()}
+    assert shipped == expected
 
 
 @pytest.fixture
