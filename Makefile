@@ -16,8 +16,12 @@ run: $(STAMP)  ## the supervisor in the foreground on the built-in default (echo
 	@echo "make run: starting preforkd (Ctrl-C stops it)"
 	$(BIN)/preforkd run $(if $(CONFIG),-c $(CONFIG))
 
+# The suite runs in TEST_JOBS processes (pytest-xdist): its tests mostly wait on real
+# daemons and clients, so three share two cores well. TEST_JOBS=0 runs them in one.
+TEST_JOBS ?= 3
+
 test: lint test-deps  ## lint, then the whole test suite
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 lint: $(STAMP_DEV)  ## mypy --strict and ruff (configured in pyproject.toml); CI fails on either
 	$(BIN)/mypy

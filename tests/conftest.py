@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -229,13 +230,33 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 @pytest.fixture(scope="session")
-def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def source_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the checkout's files (what git tracks, and new files it does not
+    ignore), to build from: a build writes into its source tree (build/, *.egg-info), and
+    parallel test processes (pytest-xdist) must not build in the same one."""
+    dest = tmp_path_factory.mktemp("source") / "preforkd"
+    listed = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            capture_output=True, timeout=60)
+    if listed.returncode == 0:
+        for name in listed.stdout.decode().split("\0"):
+            src = ROOT / name
+            if name and src.is_file():
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / name)
+    else:  # not a git checkout: everything but what a build or a run leaves behind
+        shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "__pycache__", "*.egg-info", ".pytest_cache", "run"))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def wheelhouse(tmp_path_factory: pytest.TempPathFactory, source_copy: Path) -> Path:
     """A directory of wheels: preforkd built from this checkout, its dependencies, and
     setuptools (to build the checkout again offline), for ``pip install --no-index
     --find-links``. Made once per session with the package index's help."""
     wheels = tmp_path_factory.mktemp("wheelhouse")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    for args in (["wheel", "-w", str(wheels), str(ROOT)], ["download", "-d", str(wheels), "setuptools>=77"]):
+    for args in (["wheel", "-w", str(wheels), str(source_copy)], ["download", "-d", str(wheels), "setuptools>=77"]):
         res = subprocess.run(pip + args, capture_output=True, text=True, timeout=300, cwd=wheels)
         assert res.returncode == 0, res.stdout + res.stderr
     return wheels

@@ -39,10 +39,10 @@ def run(argv: List[str], **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``python -m build``: the sdist and the wheel, from this checkout."""
+def dist(tmp_path_factory: pytest.TempPathFactory, source_copy: Path) -> Path:
+    """``python -m build``: the sdist and the wheel, from (a copy of) this checkout."""
     out = tmp_path_factory.mktemp("dist")
-    res = run([sys.executable, "-m", "build", "-o", str(out), str(ROOT)])
+    res = run([sys.executable, "-m", "build", "-o", str(out), str(source_copy)])
     assert "DeprecationWarning" not in res.stdout + res.stderr and "is deprecated" not in res.stdout + res.stderr
     return out
 
