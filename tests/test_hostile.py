@@ -23,16 +23,18 @@ import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
-from conftest import connect, recv_until, run_cli, wait_for
+from conftest import PREFORKD, connect, recv_until, run_cli, wait_for, write_config
 
 ECHO = '''
     [[service]]
@@ -214,3 +216,141 @@ def test_check_and_run_refuse_a_fifo_as_configuration(tmp_path, command):
     res = run_cli(command, "-c", str(fifo), timeout=30)
     assert res.returncode == 1
     assert res.stderr.strip().splitlines() == [f"preforkd: {fifo}: cannot read: not a regular file"]
+
+
+# -- 4. files preforkd creates: never through a symlink; runtime directories ------------
+
+
+def test_pidfile_symlink_is_never_followed(supervisor, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "run").mkdir()
+    os.symlink(victim, tmp_path / "run" / "preforkd.pid")
+    sv = supervisor(ECHO.format(workers=1), ready=False)
+    assert sv.wait_exit(30) == 1
+    failed = sv.log.find("supervisor.start_failed")
+    assert failed and "is a symbolic link" in failed[0]["error"] and "preforkd.pid" in failed[0]["error"]
+    assert victim.read_text() == "precious\n"
+    assert os.path.islink(tmp_path / "run" / "preforkd.pid")  # left alone
+
+
+def test_log_file_symlink_is_never_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "logs").mkdir()
+    os.symlink(victim, tmp_path / "logs" / "preforkd.log")
+    cfg = write_config(tmp_path, ECHO.format(workers=1) + '[log]\nformat = "json"\nfile = "logs/preforkd.log"\n')
+    proc = subprocess.Popen(PREFORKD + ["run", "-c", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1
+    assert err.strip().splitlines() == [f"preforkd: {cfg}: log.file: cannot open {tmp_path}/logs/preforkd.log: "
+                                        "is a symbolic link (preforkd never opens its files through one)"]
+    assert victim.read_text() == "precious\n"
+
+
+def test_usr1_never_reopens_the_log_through_a_symlink(supervisor, tmp_path):
+    """A symlink renamed over the log file before a rotation: the master refuses to
+    follow it, keeps writing where it was, and lives on."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    sv = supervisor(ECHO.format(workers=2) + '[log]\nformat = "json"\nlevel = "debug"\nfile = "logs/p.log"\n',
+                    ready=False)
+    log = tmp_path / "logs" / "p.log"
+    wait_for(lambda: named(file_events(log), "supervisor.ready"))
+    os.rename(log, tmp_path / "logs" / "p.log.1")
+    os.symlink(victim, log)
+    sv.signal(signal.SIGUSR1)
+    old = tmp_path / "logs" / "p.log.1"
+    wait_for(lambda: named(file_events(old), "log.reopen_failed"), message="log.reopen_failed")
+    assert "symbolic link" in named(file_events(old), "log.reopen_failed")[0]["error"]
+    assert victim.read_text() == "precious\n"
+    assert status_doc(tmp_path / "run" / "preforkd.sock")["state"] == "running"
+    sv.signal(signal.SIGTERM)
+    assert sv.wait_exit(20) == 0
+    assert victim.read_text() == "precious\n"
+    assert named(file_events(old), "supervisor.stopped")
+
+
+@pytest.mark.parametrize("how", ["world-writable", "group-writable", "parent-writable", "other-owner"])
+def test_runtime_directory_must_be_ours_and_private(supervisor, tmp_path, request, how):
+    run = tmp_path / "run"
+    if how == "parent-writable":  # writable (not sticky) one level up: `run` could be swapped
+        run = tmp_path / "shared" / "run"
+        run.parent.mkdir()
+        run.parent.chmod(0o777)
+    run.mkdir()
+    if how == "world-writable":
+        run.chmod(0o777)
+    elif how == "group-writable":
+        run.chmod(0o770)
+    elif how == "other-owner":
+        if os.geteuid() != 0:
+            pytest.skip("chown to another user needs root")
+        other = request.getfixturevalue("make_user")()
+        os.chown(run, other.pw_uid, other.pw_gid)
+    rel = run.relative_to(tmp_path)
+    sv = supervisor(f'''
+        [supervisor]
+        pidfile = "{rel}/p.pid"
+        control_socket = "{rel}/p.sock"
+        {ECHO.format(workers=1)}
+    ''', ready=False)
+    assert sv.wait_exit(30) == 1
+    failed = sv.log.find("supervisor.start_failed")
+    assert failed, sv.log.text()
+    error = failed[0]["error"]
+    expected = {"world-writable": f"runtime directory {run} is writable by others",
+                "group-writable": f"runtime directory {run} is writable by its group",
+                "parent-writable": f"directory above the runtime directory {run.parent} is writable by others",
+                "other-owner": f"runtime directory {run} is owned by uid "}[how]
+    assert expected in error, error
+    assert not (run / "p.pid").exists() and not (run / "p.sock").exists()
+
+
+@needs_root
+def test_default_runtime_dir_planted_by_another_user_is_not_trusted(make_user):
+    """Without XDG_RUNTIME_DIR a user's default runtime directory is /tmp/preforkd-UID;
+    another user who creates it first can serve invented status there. `status` and
+    `stop` refuse it, in one line."""
+    victim, attacker = make_user(), make_user()
+    planted = Path(f"/tmp/preforkd-{victim.pw_uid}")
+    planted.mkdir(mode=0o755)
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        os.chown(planted, attacker.pw_uid, attacker.pw_gid)
+        server.bind(str(planted / "preforkd.sock"))
+        os.chmod(planted / "preforkd.sock", 0o666)
+        os.chown(planted / "preforkd.sock", attacker.pw_uid, attacker.pw_gid)
+        server.listen()
+        invented = {"pid": 4242, "state": "running", "generation": 7, "uptime": 1.0, "started": 0,
+                    "config": "<built-in default>", "pidfile": None, "services": [],
+                    "reload": {"seq": 0, "state": "none", "error": None}, "retiring_workers": []}
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(json.dumps(invented).encode() + b"\n")
+
+        threading.Thread(target=serve, daemon=True).start()
+        code, out, err = cli_as(victim, "status")
+        assert code == 4, out + err
+        assert "4242" not in out
+        assert err.strip().splitlines() == [
+            f"preforkd: pidfile {planted}/preforkd.pid: runtime directory {planted} is owned by uid "
+            f"{attacker.pw_uid}, not by uid {victim.pw_uid} or root; not trusting it"]
+        code, out, err = cli_as(victim, "stop")
+        assert code == 1 and len(err.strip().splitlines()) == 1 and "not trusting it" in err
+    finally:
+        server.close()
+        shutil.rmtree(planted, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The command line: ``preforkd [-c FILE] {run,start,stop,reload,status,check}``.
 
 Exit statuses: 0 success; 1 failure (one line on stderr says why); ``status``
-returns 3 when the supervisor is not running (LSB init-script convention).
+returns 3 when the supervisor is not running and 4 when it cannot tell (the runtime
+directory is not to be trusted; LSB init-script convention).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional
 from .config import Config, ConfigError, load_config, resolve_config_path, runtime_only_config
 from .handler import Handler, load_handlers
 
-EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING = 0, 1, 3
+EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING, EXIT_UNKNOWN = 0, 1, 3, 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,6 +132,19 @@ def _start(inv: Invocation) -> int:
     return start(inv.config, inv.handlers, inv.config_arg, inv.args.timeout)
 
 
+def _runtime_problem(config: Config) -> Optional[str]:
+    """Why the directories of the pidfile and the control socket must not be trusted
+    (another user owns one, or can write to it), or ``None``."""
+    from .files import runtime_dir_problem
+
+    for what, path in (("pidfile", config.supervisor.pidfile), ("control socket", config.supervisor.control_socket)):
+        if path:
+            problem = runtime_dir_problem(os.path.dirname(path), daemon=False)
+            if problem:
+                return f"{what} {path}: {problem}; not trusting it"
+    return None
+
+
 def _live_pid(config: Config) -> Optional[int]:
     """The running master's pid from the pidfile, or None (no file, stale file)."""
     from .pidfile import is_locked, looks_like_preforkd, read_pid
@@ -154,6 +168,10 @@ def _live_pid(config: Config) -> Optional[int]:
 
 def _stop(inv: Invocation) -> int:
     config, args = inv.config, inv.args
+    problem = _runtime_problem(config)
+    if problem:
+        print(f"preforkd: {problem}", file=sys.stderr)
+        return EXIT_FAIL
     pid = _live_pid(config)
     if pid is None:
         print("preforkd: not running")
@@ -190,6 +208,10 @@ def _reload(inv: Invocation) -> int:
     from .control import query_status
 
     config, args = inv.config, inv.args
+    problem = _runtime_problem(config)
+    if problem:
+        print(f"preforkd: {problem}", file=sys.stderr)
+        return EXIT_FAIL
     pid = _live_pid(config)
     if pid is None:
         print("preforkd: not running; nothing to reload", file=sys.stderr)
@@ -227,6 +249,10 @@ def _status(inv: Invocation) -> int:
     from .status import render
 
     config, args = inv.config, inv.args
+    problem = _runtime_problem(config)
+    if problem:
+        print(f"preforkd: {problem}", file=sys.stderr)
+        return EXIT_UNKNOWN
     try:
         st = query_status(config.supervisor.control_socket)
     except (OSError, ValueError):

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .addresses import Address
+from .files import UnsafePathError, ensure_runtime_dir
 from .listeners import ListenerError, bind_unix, unlink_if_ours
 
 #: Seconds a control client has to send its line and read the reply.
@@ -58,8 +59,9 @@ class ControlServer:
         :raises ListenerError: when *path* is taken by a live server or is not a socket.
         """
         try:
+            ensure_runtime_dir(os.path.dirname(path) or ".")
             lst = bind_unix(Address(kind="unix", path=path), backlog=16, mode=0o600)
-        except ListenerError as exc:
+        except (ListenerError, UnsafePathError) as exc:
             raise ListenerError(f"control socket: {exc}") from None
         self._use(lst.sock, path, lst.file_id)
 

@@ -20,6 +20,8 @@ import os
 import traceback
 from typing import Any, Dict, List, MutableMapping, Tuple
 
+from .files import open_nofollow
+
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -29,6 +31,9 @@ class LogSink:
     Writes go straight to the file descriptor (``os.write``), one whole line per
     call, so lines from the master and workers sharing an ``O_APPEND`` file never
     interleave mid-line and nothing sits in a buffer across ``fork``.
+
+    The log file is never opened through a symbolic link (``O_NOFOLLOW``, see
+    :mod:`preforkd.files`).
     """
 
     def __init__(self) -> None:
@@ -39,11 +44,11 @@ class LogSink:
     def open(self, path: str) -> None:
         """Use *path* (append mode, created 0640) or stderr if empty.
 
-        :raises OSError: when the file cannot be opened.
+        :raises OSError: when the file cannot be opened (a symbolic link included).
         """
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         else:
             fd = 2
         self.close()

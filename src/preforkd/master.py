@@ -214,8 +214,14 @@ class Master:
         self._resize(-1)
 
     def handle_usr1(self) -> None:
-        """Reopen the log file and tell every worker to reopen theirs."""
-        self.log.reopen()
+        """Reopen the log file and tell every worker to reopen theirs; if the master
+        cannot reopen it (never through a symlink), everyone keeps the file they have
+        (``log.reopen_failed``)."""
+        try:
+            self.log.reopen()
+        except OSError as exc:
+            self.logger.error("log.reopen_failed", file=self.log.sink.path, error=exc.strerror or str(exc))
+            return
         self.logger.info("log.reopened", file=self.log.sink.path or "stderr")
         for w in self.workers.all():
             kill_quietly(w.pid, signal.SIGUSR1)

@@ -5,6 +5,9 @@ The master holds an exclusive ``flock(2)`` on the pidfile for as long as it live
 a live owner from a stale file without trusting the pid alone. A file that is not
 locked is stale when its pid is dead or now belongs to another program (checked
 with psutil), and is replaced. The file is removed on a clean exit.
+
+The file is opened without following a symlink (:func:`preforkd.files.open_nofollow`)
+in a checked runtime directory (:func:`preforkd.files.ensure_runtime_dir`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import fcntl
 import os
 from typing import Optional
+
+from .files import UnsafePathError, ensure_runtime_dir, open_nofollow
 
 
 class PidfileError(Exception):
@@ -21,17 +26,22 @@ class PidfileError(Exception):
 def read_pid(path: str) -> Optional[int]:
     """The pid written in *path*, or ``None`` if the file is missing or not a pid."""
     try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read(64).strip()
+        fd = open_nofollow(path, os.O_RDONLY, regular=True)
     except OSError:
         return None
+    try:
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
 
 
 def is_locked(path: str) -> bool:
     """True when some process holds the pidfile's lock (a live supervisor)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_nofollow(path, os.O_RDONLY, regular=True)
     except OSError:
         return False
     try:
@@ -78,11 +88,15 @@ class Pidfile:
     def acquire(self, pid: int) -> None:
         """Create or take over the pidfile, lock it, and write *pid*.
 
-        :raises PidfileError: another live supervisor holds it, or it cannot be written.
+        :raises PidfileError: another live supervisor holds it, the runtime directory
+            is unsafe, or the file cannot be opened (a symlink, not a regular file...).
         """
         try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            ensure_runtime_dir(os.path.dirname(self.path) or ".")
+        except UnsafePathError as exc:
+            raise PidfileError(f"pidfile {self.path}: {exc}") from None
+        try:
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644, regular=True)
         except OSError as exc:
             raise PidfileError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
         try:
@@ -118,7 +132,7 @@ class Pidfile:
             return
         try:
             st = os.fstat(self.fd)
-            cur = os.stat(self.path)
+            cur = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino):
                 os.unlink(self.path)
         except OSError:

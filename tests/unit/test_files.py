@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from preforkd.files import read_regular_file
+from preforkd.files import (
+    UnsafePathError,
+    ensure_runtime_dir,
+    open_nofollow,
+    read_regular_file,
+    runtime_dir_problem,
+)
 
 # -- reading ----------------------------------------------------------------------------
 
@@ -30,3 +37,51 @@ def test_read_regular_file_is_bounded(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:
         read_regular_file(str(path), 99)
     assert info.value.errno == errno.EFBIG
+
+
+# -- opening without following a symlink -------------------------------------------
+
+
+def test_open_nofollow_refuses_a_symlink_and_names_it(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_text("keep\n")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(OSError) as info:
+        open_nofollow(str(link), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    assert info.value.errno == errno.ELOOP and "is a symbolic link" in str(info.value.strerror)
+    assert target.read_text() == "keep\n"
+
+
+def test_open_nofollow_regular_refuses_a_fifo_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError) as info:
+        open_nofollow(str(fifo), os.O_RDONLY, regular=True)
+    assert info.value.errno == errno.EINVAL
+
+
+# -- runtime directories ----------------------------------------------------------------
+
+
+def test_runtime_dir_rules(tmp_path: Path) -> None:
+    ok = tmp_path / "ok"
+    ensure_runtime_dir(str(ok / "deeper"))
+    assert stat.S_IMODE(os.stat(ok).st_mode) & 0o022 == 0
+    assert runtime_dir_problem(str(ok / "deeper"), daemon=True) is None
+    assert runtime_dir_problem(str(tmp_path / "missing"), daemon=True) is None
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    wide.chmod(0o777)
+    assert "is writable by others" in str(runtime_dir_problem(str(wide), daemon=True))
+    with pytest.raises(UnsafePathError):
+        ensure_runtime_dir(str(wide))
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)  # like /tmp: fine above a runtime directory, not as one
+    (sticky / "mine").mkdir(mode=0o700)
+    assert runtime_dir_problem(str(sticky / "mine"), daemon=True) is None
+    assert "writable by others" in str(runtime_dir_problem(str(sticky), daemon=True))
+    link = tmp_path / "link"
+    link.symlink_to(wide)  # a symlink is judged by where it leads too
+    assert "writable by others" in str(runtime_dir_problem(str(link), daemon=True))
