@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -354,3 +355,118 @@ def test_default_runtime_dir_planted_by_another_user_is_not_trusted(make_user):
     finally:
         server.close()
         shutil.rmtree(planted, ignore_errors=True)
+
+
+# -- 5. the owner and mode of a Unix socket file go on the inode we bound -----------------
+
+RACE_HOOK = '''
+"""Test hook: after bind(2) of a Unix socket whose path ends in race.sock, wait until
+the test has swapped the path (it writes to the FIFO named in PREFORKD_TEST_RACE):
+the race window between bind and chown, made as wide as the test needs."""
+import os
+import socket
+
+_bind = socket.socket.bind
+
+
+def bind(self, address):
+    _bind(self, address)
+    if isinstance(address, str) and address.endswith("race.sock"):
+        with open(os.environ["PREFORKD_TEST_RACE"], "rb") as fifo:
+            fifo.read()
+
+
+socket.socket.bind = bind
+'''
+
+
+@needs_root
+@pytest.mark.parametrize("swap", ["symlink", "other-socket"])
+def test_socket_owner_and_mode_never_go_through_a_swapped_path(supervisor, tmp_path, make_user, swap):
+    """Between the master's bind and its chown, the socket's path is replaced: by a
+    symlink to a root-only file, or by another user's socket. The old code chmod'ed and
+    chown'ed by name, handing the file over to the worker user."""
+    worker_user, attacker = make_user(), make_user()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(RACE_HOOK)
+    fifo = tmp_path / "race.fifo"
+    os.mkfifo(fifo)
+    socks = tmp_path / "socks"
+    socks.mkdir()
+    path = socks / "race.sock"
+    if swap == "symlink":
+        victim = tmp_path / "secret"
+        victim.write_text("root only\n")
+        victim.chmod(0o600)
+        planted = socks / ".swap"
+        os.symlink(victim, planted)
+        victim_owner = (0, 0o600)
+    else:
+        other = socket.socket(socket.AF_UNIX)
+        old = os.umask(0o177)
+        try:
+            other.bind(str(socks / ".swap"))
+        finally:
+            os.umask(old)
+        os.chown(socks / ".swap", attacker.pw_uid, attacker.pw_gid)
+        victim = planted = socks / ".swap"
+        victim_owner = (attacker.pw_uid, 0o600)
+    try:
+        sv = supervisor(f'''
+            [supervisor]
+            pidfile = "run/p.pid"
+            control_socket = "run/p.sock"
+            user = "{worker_user.pw_name}"
+            [[service]]
+            name = "echo"
+            listen = ["unix:socks/race.sock"]
+            workers = 1
+            socket_mode = "0660"
+        ''', ready=False, env={"PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
+                               "PREFORKD_TEST_RACE": str(fifo)})
+        wait_for(lambda: stat.S_ISSOCK(os.lstat(path).st_mode), message="the master to bind race.sock")
+        st = os.lstat(victim)
+        os.rename(planted, path)  # the hostile neighbour's move, inside the window
+        with open(fifo, "wb") as f:
+            f.write(b"go")
+        wait_for(lambda: sv.proc.poll() is not None or sv.log.find("supervisor.ready"),
+                 message="the master to finish starting, or give up")
+        after = os.lstat(path if swap == "other-socket" else victim)
+        assert (after.st_uid, stat.S_IMODE(after.st_mode)) == victim_owner, "handed over to the worker user"
+        assert (after.st_dev, after.st_ino) == (st.st_dev, st.st_ino)
+        assert sv.wait_exit(20) == 1
+        failed = sv.log.find("supervisor.start_failed")
+        assert failed and "race.sock: the socket file was replaced" in failed[0]["error"]
+    finally:
+        if swap == "other-socket":
+            other.close()
+
+
+def test_unix_socket_owner_is_set_on_the_bound_inode(supervisor, tmp_path, request):
+    """The ordinary case still works: the socket file gets socket_mode and, as root
+    with supervisor.user, that user as its owner."""
+    user_line = ""
+    if os.geteuid() == 0:
+        user = request.getfixturevalue("make_user")()
+        user_line = f'user = "{user.pw_name}"'
+    supervisor(f'''
+        [supervisor]
+        pidfile = "run/p.pid"
+        control_socket = "run/p.sock"
+        {user_line}
+        [[service]]
+        name = "echo"
+        listen = ["unix:socks/echo.sock"]
+        workers = 1
+        socket_mode = "0640"
+    ''')
+    st = os.lstat(tmp_path / "socks" / "echo.sock")
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    if user_line:
+        assert st.st_uid == user.pw_uid
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)
+        c.connect(str(tmp_path / "socks" / "echo.sock"))
+        c.sendall(b"mine\n")
+        assert recv_until(c) == b"mine\r\n"

@@ -1,4 +1,4 @@
-"""Files the supervisor creates or reads, and the directories it keeps them in.
+"""Files the supervisor creates, and the directories it keeps them in.
 
 The rules (``docs/operations.md``, "Security model"), each enforced here once:
 
@@ -13,6 +13,12 @@ The rules (``docs/operations.md``, "Security model"), each enforced here once:
   (the rule OpenSSH applies to ``authorized_keys``, ``safe_path()``, with the sticky
   exception that ``/tmp/preforkd-UID`` needs). Missing ones are created with mode
   0755 (less the umask).
+* **Unix socket files** get their owner and mode set on the very inode that was
+  bound, never by name: :func:`secure_socket_file` pins the file with an
+  ``O_PATH | O_NOFOLLOW`` descriptor, checks through the kernel's socket diagnostics
+  (sock_diag(7), ``UNIX_DIAG_VFS``) that its device and inode are the ones our
+  socket is bound to, and changes that inode through the descriptor
+  (``fchownat(fd, "", ..., AT_EMPTY_PATH)``).
 * **Files it only reads** (the configuration) are read as regular files, without
   blocking, up to a size bound (:func:`read_regular_file`).
 """
@@ -21,8 +27,11 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
-from typing import List, Optional
+import struct
+import sys
+from typing import Any, List, Optional, Tuple
 
 #: Mode of the runtime directories preforkd creates (the umask applies as well).
 RUNTIME_DIR_MODE = 0o755
@@ -182,3 +191,131 @@ def _prefixes(path: str) -> List[str]:
         if parent == path:
             return out[::-1]
         path = parent
+
+
+# -- Unix socket files -----------------------------------------------------------------
+
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_UDIAG_SHOW_VFS = 0x02
+_UNIX_DIAG_VFS = 1
+_AT_EMPTY_PATH = 0x1000
+
+
+def bound_file_id(sock: socket.socket) -> Optional[Tuple[int, int]]:
+    """``(st_dev, st_ino & 0xffffffff)`` of the file a bound Unix socket *sock* was bound
+    to, as the kernel records it (sock_diag(7), ``UDIAG_SHOW_VFS``; the kernel reports
+    the inode number in 32 bits); ``None`` when the kernel will not tell (no
+    ``NETLINK_SOCK_DIAG``, e.g. under systemd's ``RestrictAddressFamilies=`` without
+    ``AF_NETLINK``).
+    """
+    try:
+        ino = os.fstat(sock.fileno()).st_ino  # the socket's own inode, which sock_diag indexes by
+        req = struct.pack("=BBHIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, ino & 0xFFFFFFFF, _UDIAG_SHOW_VFS)
+        req += struct.pack("=II", 0xFFFFFFFF, 0xFFFFFFFF)  # no cookie: look up by inode
+        msg = struct.pack("=IHHII", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0) + req
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(2.0)
+            nl.sendto(msg, (0, 0))
+            data = nl.recv(65536)
+    except (OSError, AttributeError):
+        return None
+    if len(data) < 32:
+        return None
+    length, kind = struct.unpack_from("=IH", data)
+    if kind == _NLMSG_ERROR:
+        return None
+    offset = 16 + 16  # nlmsghdr, unix_diag_msg
+    while offset + 4 <= min(length, len(data)):
+        attr_len, attr_type = struct.unpack_from("=HH", data, offset)
+        if attr_len < 4:
+            return None
+        if attr_type == _UNIX_DIAG_VFS and attr_len >= 12:
+            vfs_ino, vfs_dev = struct.unpack_from("=II", data, offset + 4)
+            # The kernel's dev_t (major << 20 | minor), not the one stat(2) returns.
+            return os.makedev(vfs_dev >> 20, vfs_dev & 0xFFFFF), vfs_ino
+        offset += (attr_len + 3) & ~3
+    return None
+
+
+def secure_socket_file(sock: socket.socket, path: str, mode: int, owner: Tuple[int, int]) -> Tuple[int, int]:
+    """After ``bind(2)`` of *sock* at *path*: make sure the file at *path* is the one
+    *sock* is bound to, then give it *mode* and *owner*, without a name lookup that
+    could follow a symbolic link renamed over *path* meanwhile.
+
+    The file is pinned with ``open(path, O_PATH | O_NOFOLLOW)``; it must be a socket,
+    and its device and inode must be those the kernel reports for *sock*
+    (:func:`bound_file_id`). Where the kernel does not report them, the weaker proof
+    is that it is a socket owned by us with one link only (nobody else made it or
+    linked it in). The owner is then changed through the descriptor
+    (``fchownat(fd, "", uid, gid, AT_EMPTY_PATH)``, Linux 2.6.39); the mode was set
+    at ``bind`` through the umask and is only corrected (through
+    ``/proc/self/fd``, the pinned inode) if something such as a default ACL changed it.
+
+    :param owner: ``(uid, gid)``, -1 leaving one unchanged.
+    :returns: ``(st_dev, st_ino)`` of the socket file.
+    :raises UnsafePathError: the file at *path* is not the socket we bound (one line).
+    :raises OSError: the owner or mode cannot be set.
+    """
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UnsafePathError(f"unix:{path}: the socket file was removed right after bind") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafePathError(f"unix:{path}: the socket file was replaced by a symbolic link right after "
+                                  "bind; not touching it")
+        if not stat.S_ISSOCK(st.st_mode):
+            raise UnsafePathError(f"unix:{path}: the socket file was replaced right after bind; not touching it")
+        expected = bound_file_id(sock)
+        if expected is not None:
+            ours = (st.st_dev, st.st_ino & 0xFFFFFFFF) == expected
+        else:
+            ours = st.st_uid == os.geteuid() and st.st_nlink == 1
+        if not ours:
+            raise UnsafePathError(f"unix:{path}: the socket file was replaced by another socket right after bind; "
+                                  "not touching it")
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        if owner != (-1, -1):
+            _fchown_empty_path(fd, owner[0], owner[1])
+        return st.st_dev, st.st_ino
+    finally:
+        os.close(fd)
+
+
+_LIBC: List[Any] = []  # the C library, loaded on first use (most start-ups never need it)
+
+
+def _libc() -> Any:
+    """The C library (dlopen of the running program), or ``None`` off Linux."""
+    if not _LIBC:
+        lib = None
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                lib = ctypes.CDLL(None, use_errno=True)
+            except OSError:
+                lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
+
+
+def _fchown_empty_path(fd: int, uid: int, gid: int) -> None:
+    """``fchownat(fd, "", uid, gid, AT_EMPTY_PATH)``: change the owner of the inode
+    an ``O_PATH`` descriptor refers to (fchownat(2)).
+
+    :raises OSError: as fchownat(2) fails.
+    """
+    libc = _libc()
+    if libc is None:
+        raise OSError(errno.ENOSYS, "fchownat with AT_EMPTY_PATH needs Linux")
+    import ctypes
+
+    if libc.fchownat(fd, b"", ctypes.c_uint32(uid), ctypes.c_uint32(gid), _AT_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

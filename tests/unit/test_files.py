@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import pytest
 
 from preforkd.files import (
     UnsafePathError,
+    bound_file_id,
     ensure_runtime_dir,
     open_nofollow,
     read_regular_file,
     runtime_dir_problem,
+    secure_socket_file,
 )
 
 # -- reading ----------------------------------------------------------------------------
@@ -85,3 +88,26 @@ def test_runtime_dir_rules(tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(wide)  # a symlink is judged by where it leads too
     assert "writable by others" in str(runtime_dir_problem(str(link), daemon=True))
+
+
+# -- Unix socket files ------------------------------------------------------------------
+
+
+def test_bound_file_id_and_secure_socket_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        old = os.umask(0o077)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old)
+        st = os.lstat(path)
+        reported = bound_file_id(sock)
+        if reported is not None:  # None where sock_diag(7) is not available
+            assert reported == (st.st_dev, st.st_ino & 0xFFFFFFFF)
+        assert secure_socket_file(sock, str(path), 0o640, (-1, -1)) == (st.st_dev, st.st_ino)
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o640
+        os.unlink(path)
+        path.symlink_to(tmp_path / "elsewhere")
+        with pytest.raises(UnsafePathError, match="replaced by a symbolic link"):
+            secure_socket_file(sock, str(path), 0o640, (-1, -1))
