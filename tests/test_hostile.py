@@ -28,6 +28,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import traceback
 from pathlib import Path
@@ -470,3 +471,106 @@ def test_unix_socket_owner_is_set_on_the_bound_inode(supervisor, tmp_path, reque
         c.connect(str(tmp_path / "socks" / "echo.sock"))
         c.sendall(b"mine\n")
         assert recv_until(c) == b"mine\r\n"
+
+
+# -- 6. stop and reload signal only the holder of the pidfile's lock ----------------------
+
+
+def test_stop_and_reload_leave_alone_the_instance_a_stale_pidfile_names(supervisor, tmp_path):
+    """A's pidfile is stale (nobody holds its lock) and names B's master: `stop -c A`
+    used to stop B. After a reload (re-exec) B still holds its lock: `stop -c B` works."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    b = supervisor(ECHO.format(workers=1), directory=tmp_path / "b")
+    cfg_a = write_config(tmp_path / "a", ECHO.format(workers=1))
+    (tmp_path / "a" / "run").mkdir()
+    (tmp_path / "a" / "run" / "preforkd.pid").write_text(f"{b.pid}\n")
+    res = run_cli("stop", "-c", str(cfg_a), "--timeout", "5")
+    assert res.returncode == 0 and res.stdout.strip() == "preforkd: not running", res.stdout + res.stderr
+    res = run_cli("reload", "-c", str(cfg_a), "--timeout", "5")
+    assert res.returncode == 1 and res.stderr.strip() == "preforkd: not running; nothing to reload"
+    assert run_cli("status", "-c", str(cfg_a)).returncode == 3
+    assert b.proc.poll() is None
+    assert b.status()["generation"] == 1
+    res = run_cli("reload", "-c", str(b.config))
+    assert res.returncode == 0, res.stderr
+    res = run_cli("stop", "-c", str(b.config))
+    assert res.returncode == 0 and res.stdout.strip() == f"preforkd: stopped (pid {b.pid})", res.stderr
+    assert b.wait_exit(10) == 0
+
+
+def _unshare_works() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    res = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "true"],
+                         capture_output=True, timeout=30)
+    return res.returncode == 0
+
+
+needs_pid_namespaces = pytest.mark.skipif(not _unshare_works(), reason="needs root and unshare --pid")
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+
+
+@needs_pid_namespaces
+def test_stop_from_another_pid_namespace_refuses(supervisor):
+    """From a PID namespace the master is not in, its pid means nothing (or someone
+    else): `stop` must refuse, not report "not running" or signal a stranger."""
+    sv = supervisor(ECHO.format(workers=1))
+    res = subprocess.run(UNSHARE + PREFORKD + ["stop", "-c", str(sv.config), "--timeout", "5"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "outside this PID namespace" in lines[0]
+    assert sv.proc.poll() is None
+    assert sv.status()["state"] == "running"
+
+
+DRIVER = '''
+"""PID 1 of a fresh PID namespace N1: start a master in a nested namespace N2 (where it
+is PID 1, and writes 1 into its pidfile), then run `preforkd stop` from N1, where PID 1
+is this driver (which has no TERM handler, so a TERM sent to it is dropped)."""
+import json, subprocess, sys, threading
+
+cfg, python = sys.argv[1], sys.executable
+master = subprocess.Popen(UNSHARE + [python, "-m", "preforkd", "run", "-c", cfg],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+for line in master.stderr:  # wait for readiness on the master's own events
+    if '"supervisor.ready"' in line:
+        break
+threading.Thread(target=master.stderr.read, daemon=True).start()  # keep draining
+pidfile = open(cfg.rsplit("/", 1)[0] + "/run/preforkd.pid").read().strip()
+stop = subprocess.run([python, "-m", "preforkd", "stop", "-c", cfg, "--timeout", "20"],
+                      capture_output=True, text=True)
+try:
+    code = master.wait(timeout=20)
+except subprocess.TimeoutExpired:
+    master.kill()
+    code = None
+print(json.dumps({"pidfile": pidfile, "rc": stop.returncode, "stdout": stop.stdout, "stderr": stop.stderr,
+                  "master_exit": code}))
+'''
+
+
+@needs_pid_namespaces
+def test_stop_reaches_a_master_in_a_nested_pid_namespace(tmp_path):
+    """The master's pidfile says 1 (its pid in its container); `stop` from the parent
+    namespace must signal the lock holder, which it sees under another pid — never
+    its own namespace's PID 1. The parent namespace is itself a fresh one here, so
+    that the old behaviour could only ever hit this test's own driver."""
+    cfg = write_config(tmp_path, ECHO.format(workers=1))
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"UNSHARE = {UNSHARE!r}\n" + textwrap.dedent(DRIVER))
+    proc = subprocess.Popen(UNSHARE + [sys.executable, str(driver), str(cfg)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # --kill-child: the whole namespace goes with it
+            proc.wait()
+    report = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+    assert report, err
+    assert report["pidfile"] == "1"
+    assert report["rc"] == 0, report
+    assert report["stdout"].startswith("preforkd: stopped (pid ") and "(pid 1)" not in report["stdout"]
+    assert report["master_exit"] == 0

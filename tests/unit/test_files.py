@@ -8,6 +8,8 @@ import errno
 import os
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from preforkd.files import (
     runtime_dir_problem,
     secure_socket_file,
 )
+from preforkd.pidfile import Pidfile, PidfileError, lock_holder
 
 # -- reading ----------------------------------------------------------------------------
 
@@ -111,3 +114,27 @@ def test_bound_file_id_and_secure_socket_file(tmp_path: Path) -> None:
         path.symlink_to(tmp_path / "elsewhere")
         with pytest.raises(UnsafePathError, match="replaced by a symbolic link"):
             secure_socket_file(sock, str(path), 0o640, (-1, -1))
+
+
+# -- the pidfile's lock -----------------------------------------------------------------
+
+HOLDER = "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.lockf(fd, fcntl.LOCK_EX); " \
+         "print('locked', flush=True); sys.stdin.read()"
+
+
+def test_lock_holder_names_the_process_holding_the_lock_not_the_pid_written(tmp_path: Path) -> None:
+    path = tmp_path / "p.pid"
+    assert lock_holder(str(path)) is None  # no file
+    path.write_text("1\n")
+    assert lock_holder(str(path)) is None  # stale: nobody holds it, whatever it says
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert lock_holder(str(path)) == holder.pid
+        with pytest.raises(PidfileError, match=f"already running: pidfile .* is locked by pid {holder.pid}"):
+            Pidfile(str(path)).acquire(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock_holder(str(path)) is None
