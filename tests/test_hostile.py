@@ -34,9 +34,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
 
+import psutil
 import pytest
 
-from conftest import PREFORKD, connect, recv_until, run_cli, wait_for, write_config
+from conftest import PREFORKD, connect, recv_all, recv_until, run_cli, wait_for, write_config
 
 ECHO = '''
     [[service]]
@@ -173,6 +174,59 @@ def cli_as(user: pwd.struct_passwd, *args: str, timeout: int = 60) -> Tuple[int,
         stdout, stderr = out.read(), err.read()
     _, wstatus = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(wstatus), stdout, stderr
+
+
+# -- 1. USR1 with privileges dropped ----------------------------------------------------
+
+
+@needs_root
+def test_usr1_with_privileges_dropped_costs_no_worker_and_moves_everyone(supervisor, make_user, shared_dir):
+    """With ``supervisor.user`` and ``log.file``, a rotation used to kill every worker
+    (the dropped user could not reopen the root-owned file). Two rotations, one where
+    preforkd creates the new file and one where logrotate did (``create 0640 root``):
+    no worker dies, and afterwards every process writes to the new file."""
+    user = make_user()
+    sv = supervisor(f'''
+        [supervisor]
+        pidfile = "run/p.pid"
+        control_socket = "run/p.sock"
+        user = "{user.pw_name}"
+        [log]
+        format = "json"
+        level = "debug"
+        file = "logs/preforkd.log"
+        {ECHO.format(workers=3)}
+        max_line_length = 8
+    ''', ready=False, directory=shared_dir)
+    log = shared_dir / "logs" / "preforkd.log"
+    wait_for(lambda: named(file_events(log), "supervisor.ready"), message="supervisor.ready in the log file")
+    st = status_doc(shared_dir / "run" / "p.sock")
+    workers = sorted(w["pid"] for w in st["services"][0]["workers"])
+    sv.seen_pids.update(workers)
+    assert all(psutil.Process(pid).uids().real == user.pw_uid for pid in workers)
+
+    for rotation in (1, 2):
+        os.rename(log, f"{log}.{rotation}")
+        if rotation == 2:  # logrotate's `create 0640 root root` made the new file first
+            os.close(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+        sv.signal(signal.SIGUSR1)
+        # the master (info) and each of the 3 workers (debug) reopen, into the new file
+        wait_for(lambda: len(named(file_events(log), "log.reopened")) == 4, timeout=20,
+                 message=f"4 log.reopened events after rotation {rotation}")
+    addr = tcp_address(status_doc(shared_dir / "run" / "p.sock"))
+    for _ in range(6):  # whichever workers take them, their events land in the new file
+        with connect(addr) as s:
+            s.sendall(b"far too long a line\n")
+            assert recv_all(s).startswith(b"ERROR line too long")
+    wait_for(lambda: len(named(file_events(log), "connection.line_too_long")) == 6)
+    everything = file_events(log) + file_events(Path(f"{log}.1")) + file_events(Path(f"{log}.2"))
+    assert not named(everything, "worker.crashed") and not named(everything, "worker.exited")
+    assert not named(everything, "log.reopen_failed")
+    assert sorted(w["pid"] for w in status_doc(shared_dir / "run" / "p.sock")["services"][0]["workers"]) == workers
+    assert os.stat(log).st_uid == user.pw_uid  # made the workers' (as nginx does)
+    sv.signal(signal.SIGTERM)
+    assert sv.wait_exit() == 0
+    assert named(file_events(log), "supervisor.stopped")
 
 
 # -- 3. reading the configuration: regular files only, never blocking, bounded -----------

@@ -17,8 +17,9 @@ import atexit
 import datetime
 import logging
 import os
+import stat
 import traceback
-from typing import Any, Dict, List, MutableMapping, Tuple
+from typing import Any, Dict, List, MutableMapping, Optional, Tuple
 
 from .files import open_nofollow
 
@@ -33,7 +34,9 @@ class LogSink:
     interleave mid-line and nothing sits in a buffer across ``fork``.
 
     The log file is never opened through a symbolic link (``O_NOFOLLOW``, see
-    :mod:`preforkd.files`).
+    :mod:`preforkd.files`). A reopen (SIGUSR1) puts the new file on the same
+    descriptor number (``dup2``), so the switch is one atomic step even when it
+    happens in a signal handler between two writes.
     """
 
     def __init__(self) -> None:
@@ -54,13 +57,43 @@ class LogSink:
         self.close()
         self.path, self.fd, self._owned = path, fd, bool(path)
 
-    def reopen(self) -> None:
-        """Reopen the log file by name (after logrotate moved it); a no-op on stderr.
+    def reopen(self, create: bool = True, owner: Optional[int] = None) -> None:
+        """Reopen the log file by name (after logrotate moved it) onto the same
+        descriptor; a no-op on stderr.
 
+        :param create: create the file if it is missing (the master does; a worker,
+            which may lack the right to, only opens what the master made).
+        :param owner: a uid to give the file to when it is not already its owner, and
+            then read and write permission for that owner: what the master does as
+            root for workers running as ``supervisor.user``, so that they can reopen
+            it after it (nginx's ``ngx_reopen_files`` does the same).
         :raises OSError: when the file cannot be opened (the old one stays in use).
         """
-        if self.path:
-            self.open(self.path)
+        if not self.path or not self._owned:
+            return
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
+        fd = open_nofollow(self.path, flags, 0o640)
+        try:
+            if owner is not None:
+                st = os.fstat(fd)
+                if st.st_uid != owner:
+                    os.fchown(fd, owner, -1)
+                if st.st_mode & 0o600 != 0o600:
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o600)
+            os.dup2(fd, self.fd, inheritable=False)
+        finally:
+            os.close(fd)
+
+    def moved(self) -> bool:
+        """Is there a file at our path now, other than the one we write to (a rotation
+        happened since we opened it)?"""
+        if not self.path or not self._owned:
+            return False
+        try:
+            ours, now = os.fstat(self.fd), os.lstat(self.path)
+        except OSError:
+            return False
+        return (ours.st_dev, ours.st_ino) != (now.st_dev, now.st_ino)
 
     def close(self) -> None:
         if self._owned:
@@ -180,9 +213,12 @@ class EventLog:
         """Add context (``service``, ``worker``, ``generation``...) to every later event."""
         self.context.update(context)
 
-    def reopen(self) -> None:
-        """Reopen the log file (SIGUSR1). :raises OSError: when it cannot be opened."""
-        self.sink.reopen()
+    def reopen(self, create: bool = True, owner: Optional[int] = None) -> None:
+        """Reopen the log file (SIGUSR1); see :meth:`LogSink.reopen`.
+
+        :raises OSError: when it cannot be opened (the old file stays in use).
+        """
+        self.sink.reopen(create, owner)
 
     def logger(self, **initial: Any) -> Logger:
         """A logger whose events also carry *initial*."""

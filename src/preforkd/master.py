@@ -214,11 +214,12 @@ class Master:
         self._resize(-1)
 
     def handle_usr1(self) -> None:
-        """Reopen the log file and tell every worker to reopen theirs; if the master
-        cannot reopen it (never through a symlink), everyone keeps the file they have
-        (``log.reopen_failed``)."""
+        """Reopen the log file and tell every worker to reopen theirs. Workers running as
+        ``supervisor.user`` could not open a file only root may write, so the master
+        (as root) makes the new file theirs first, as nginx does; if the master cannot
+        reopen it, everyone keeps the file they have (``log.reopen_failed``)."""
         try:
-            self.log.reopen()
+            self.log.reopen(owner=self.creds.uid if os.geteuid() == 0 else None)
         except OSError as exc:
             self.logger.error("log.reopen_failed", file=self.log.sink.path, error=exc.strerror or str(exc))
             return

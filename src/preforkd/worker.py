@@ -21,7 +21,7 @@ signal context, so they may close sockets and arm timers:
 * INT, QUIT: exit at once. ALRM (the graceful timer ran out): die of SIGALRM. Either
   way the ``command`` program serving the connection in hand dies with its process
   group first.
-* USR1: reopen the log file, when next idle.
+* USR1: reopen the log file at once (the outcome is logged when next idle).
 * HUP, TTIN, TTOU, WINCH, USR2: ignored (the master's; a terminal hangup must not
   kill workers).
 
@@ -114,7 +114,8 @@ class Worker:
         self.listeners: List[socket.socket] = list(spec.listeners)  # our copies; closed on a busy TERM
         self._stopping = False  # set by on_term; read through stop_requested
         self.busy = False
-        self.reopen_log = False
+        self.reopen_log = False  # a USR1 reopen happened: log its outcome when next idle
+        self.reopen_error = ""  # why that reopen failed, if it did
         self.env = spec.env
         self.logger: Logger = spec.env.log.logger()
         self.command = (CommandService(spec.service.command, spec.service.idle_timeout, self.logger)
@@ -157,20 +158,25 @@ class Worker:
         signal.set_wakeup_fd(-1)
         for sig in WORKER_RESET:
             signal.signal(sig, signal.SIG_DFL)
+        # USR1's default action is to terminate: a log rotation while this worker is
+        # still setting itself up must not cost it (see _install_signals).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
     def _install_signals(self) -> None:
-        """Handlers only set flags (and, when busy, stop listening); a wakeup pipe
-        interrupts ``epoll_wait``."""
+        """Handlers only set flags (and, when busy, stop listening; USR1 reopens the log
+        file); a wakeup pipe interrupts ``epoll_wait``."""
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self.on_term)
         signal.signal(signal.SIGINT, self.on_quit)
         signal.signal(signal.SIGQUIT, self.on_quit)
-        signal.signal(signal.SIGUSR1, self.on_usr1)
         signal.signal(signal.SIGALRM, self.on_alarm)
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, self.on_usr1)
+        if self.env.log.sink.moved():  # a rotation while we were starting: catch up
+            self.on_usr1(signal.SIGUSR1, None)
 
     def _prepare_poll(self) -> Tuple[select.epoll, Dict[int, Tuple[socket.socket, ServeOne]]]:
         """An epoll set of the listeners (``EPOLLEXCLUSIVE``), the master-alive pipe and
@@ -255,9 +261,12 @@ class Worker:
         return 0
 
     def _reopen_log(self) -> None:
+        """Log how the USR1 reopen went (the reopen itself happened in :meth:`on_usr1`)."""
         self.reopen_log = False
-        self.env.log.reopen()
-        self.logger.debug("log.reopened", file=self.env.log.sink.path or "stderr")
+        if self.reopen_error:
+            self.logger.warning("log.reopen_failed", file=self.env.log.sink.path, error=self.reopen_error)
+        else:
+            self.logger.debug("log.reopened", file=self.env.log.sink.path or "stderr")
 
     def _stop_listening(self) -> None:
         """Told to stop with a connection in hand: close our copies of the listening
@@ -301,7 +310,17 @@ class Worker:
         os.kill(os.getpid(), signal.SIGALRM)
 
     def on_usr1(self, signum: int, frame: Optional[FrameType]) -> None:
-        """USR1: reopen the log file when next idle."""
+        """USR1: reopen the log file now, busy or not, so that every line from here on
+        goes to the new file. It is opened without ``O_CREAT``: the master has created
+        it already and, with ``supervisor.user`` set, made it ours (a file only root
+        may write would fail here, never crash us: the old file then stays in use).
+        The outcome is logged from the loop, not here: a handler that logs could
+        re-enter structlog's writer while it holds its lock."""
+        try:
+            self.env.log.reopen(create=False)
+            self.reopen_error = ""
+        except OSError as exc:
+            self.reopen_error = exc.strerror or str(exc)
         self.reopen_log = True
 
 
