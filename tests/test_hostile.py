@@ -229,6 +229,44 @@ def test_usr1_with_privileges_dropped_costs_no_worker_and_moves_everyone(supervi
     assert named(file_events(log), "supervisor.stopped")
 
 
+# -- 2. `run` with a log file: a failed start is a line on stderr too ---------------------
+
+
+@pytest.mark.parametrize("cause", ["port-in-use", "pidfile-locked"])
+def test_run_with_a_log_file_says_why_it_did_not_start(supervisor, tmp_path, cause):
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))  # an ephemeral port, taken
+    blocker.listen()
+    port = blocker.getsockname()[1] if cause == "port-in-use" else 0
+    try:
+        body = f'''
+            [log]
+            format = "json"
+            file = "logs/preforkd.log"
+            [[service]]
+            name = "echo"
+            listen = ["tcp://127.0.0.1:{port}"]
+            workers = 1
+        '''
+        log = tmp_path / "logs" / "preforkd.log"
+        if cause == "pidfile-locked":
+            supervisor(body, ready=False)
+            wait_for(lambda: named(file_events(log), "supervisor.ready"), message="the first supervisor")
+        cfg = write_config(tmp_path, body)
+        res = run_cli("run", "-c", str(cfg), timeout=60)
+        assert res.returncode == 1
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, res.stderr
+        assert lines[0].startswith("preforkd: start failed: ")
+        if cause == "port-in-use":
+            assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0]
+        else:
+            assert "already running" in lines[0] and "locked by pid" in lines[0]
+        assert named(file_events(log), "supervisor.start_failed")  # and in the log, as before
+    finally:
+        blocker.close()
+
+
 # -- 3. reading the configuration: regular files only, never blocking, bounded -----------
 
 

@@ -25,6 +25,7 @@ import enum
 import os
 import selectors
 import signal
+import sys
 import time
 from types import FrameType
 from typing import Any, Deque, Dict, Optional
@@ -107,6 +108,10 @@ class Master:
         except (ListenerError, PidfileError) as exc:
             self.log.activate()
             self.logger.error("supervisor.start_failed", error=str(exc))
+            if self.launcher is None and self.log.sink.fd != 2:
+                # `run` logging to a file: the reason is on stderr too, the line that
+                # `start` prints, so that whoever ran it sees why it did not start.
+                print(f"preforkd: start failed: {exc}", file=sys.stderr, flush=True)
             self._report(f"ERROR {exc}")
             self._cleanup()
             return 1
