@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterator, List, Tuple
 import psutil
 import pytest
 
-from conftest import PREFORKD, connect, recv_all, recv_until, run_cli, wait_for, write_config
+from conftest import PREFORKD, connect, pid_gone, recv_all, recv_until, run_cli, wait_for, write_config
 
 ECHO = '''
     [[service]]
@@ -666,3 +666,57 @@ def test_stop_reaches_a_master_in_a_nested_pid_namespace(tmp_path):
     assert report["rc"] == 0, report
     assert report["stdout"].startswith("preforkd: stopped (pid ") and "(pid 1)" not in report["stdout"]
     assert report["master_exit"] == 0
+
+
+# -- 7. every process a command connection starts ends with it ----------------------------
+
+ESCAPE = '''#!/bin/sh
+# A child that leaves our process group and session, holding the client's socket.
+setsid sh -c 'echo $$ > {d}/escapee; echo ready > {d}/go; exec sleep 1001' &
+read x < {d}/go
+echo started
+{tail}
+'''
+
+
+def _kill_if_alive(pidfile: Path) -> None:
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return
+    if not pid_gone(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("ending", ["program-exits", "supervisor-stops"])
+def test_command_child_that_left_the_session_ends_with_the_connection(supervisor, tmp_path, ending):
+    """``setsid sleep 1001 &`` in a command program escaped the process-group kill: the
+    client never saw end of file and the sleep outlived `preforkd stop`."""
+    os.mkfifo(tmp_path / "go")
+    script = tmp_path / "escape.sh"
+    script.write_text(ESCAPE.format(d=tmp_path, tail="exit 0" if ending == "program-exits" else "exec sleep 300"))
+    script.chmod(0o755)
+    sv = supervisor(f'''
+        [supervisor]
+        pidfile = "run/p.pid"
+        control_socket = "run/p.sock"
+        graceful_timeout = 1
+        [[service]]
+        name = "escape"
+        listen = ["tcp://127.0.0.1:0"]
+        command = ["{script}"]
+        workers = 1
+        idle_timeout = 120
+    ''')
+    try:
+        with connect(sv.tcp("escape"), timeout=20) as s:
+            assert recv_until(s, b"\n") == b"started\n"
+            escapee = int((tmp_path / "escapee").read_text())
+            assert os.getsid(escapee) == escapee  # it did leave the session
+            if ending == "supervisor-stops":
+                res = run_cli("stop", "-c", str(sv.config))
+                assert res.returncode == 0, res.stderr
+            assert recv_all(s) == b""  # end of file: nothing holds the socket any more
+        wait_for(lambda: pid_gone(escapee), timeout=10, message="the escaped child to be gone")
+    finally:
+        _kill_if_alive(tmp_path / "escapee")

@@ -19,8 +19,9 @@ signal context, so they may close sockets and arm timers:
   nobody accepts, and arms a ``graceful_timeout`` timer (``SIGALRM``) that bounds the
   connection in hand even if the master is gone.
 * INT, QUIT: exit at once. ALRM (the graceful timer ran out): die of SIGALRM. Either
-  way the ``command`` program serving the connection in hand dies with its process
-  group first.
+  way the ``command`` program serving the connection in hand dies first, with every
+  process it started (the worker of a ``command`` service is a child subreaper,
+  ``PR_SET_CHILD_SUBREAPER``, so even those that left its session are found).
 * USR1: reopen the log file at once (the outcome is logged when next idle).
 * HUP, TTIN, TTOU, WINCH, USR2: ignored (the master's; a terminal hangup must not
   kill workers).
@@ -139,6 +140,10 @@ class Worker:
             _setproctitle.setproctitle(f"preforkd: worker {self.service.name}#{spec.number}")
         _drop_privileges(env.credentials)
         _set_pdeathsig(signal.SIGTERM)
+        if self.command is not None:
+            # Whatever the program starts and leaves behind (even in a session of its
+            # own) becomes ours when its parent exits, to be ended with the connection.
+            _set_child_subreaper()
         if os.getppid() != env.master_pid:
             return 0  # the master died before we could ask to be told
         self._install_signals()
@@ -296,16 +301,16 @@ class Worker:
             self._stop_listening()
 
     def on_quit(self, signum: int, frame: Optional[FrameType]) -> None:
-        """INT, QUIT: exit now, taking the command program's process group along."""
+        """INT, QUIT: exit now, taking the command program and all it started along."""
         if self.command is not None:
-            self.command.kill_group()
+            self.command.end_processes()
         os._exit(0)
 
     def on_alarm(self, signum: int, frame: Optional[FrameType]) -> None:
         """The graceful timer ran out with a connection in hand: die of SIGALRM, as the
         default action would, but not without the command program."""
         if self.command is not None:
-            self.command.kill_group()
+            self.command.end_processes()
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGALRM)
 
@@ -357,6 +362,7 @@ def _load_prctl() -> Any:
 
 _PRCTL = _load_prctl()
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 try:  # imported here, in the master, so that workers share it instead of loading it
     import setproctitle as _setproctitle
@@ -367,6 +373,13 @@ except ImportError:  # pragma: no cover - a declared dependency
 def _set_pdeathsig(sig: int) -> None:
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def _set_child_subreaper() -> None:
+    """Become a child subreaper (prctl(2) ``PR_SET_CHILD_SUBREAPER``, Linux 3.4): orphaned
+    descendants are re-parented to this process instead of init."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _drop_privileges(creds: Credentials) -> None:
