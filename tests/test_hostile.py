@@ -20,6 +20,7 @@ import json
 import os
 import pkgutil
 import pwd
+import resource
 import secrets
 import shutil
 import signal
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
@@ -720,3 +722,78 @@ def test_command_child_that_left_the_session_ends_with_the_connection(supervisor
         wait_for(lambda: pid_gone(escapee), timeout=10, message="the escaped child to be gone")
     finally:
         _kill_if_alive(tmp_path / "escapee")
+
+
+# -- 8. the control socket: many clients, and the descriptor limit ------------------------
+
+
+def test_control_socket_answers_many_clients_at_once(supervisor, tmp_path):
+    """More than 16 clients at once used to get EAGAIN from connect() (a backlog of
+    16); `preforkd status` then said the master "does not answer"."""
+    supervisor(ECHO.format(workers=1))
+    path = str(tmp_path / "run" / "preforkd.sock")
+    clients = 64
+    barrier = threading.Barrier(clients)
+    replies: List[str] = []
+    lock = threading.Lock()
+
+    def ping() -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)  # as the command line's client does: a non-blocking connect
+            barrier.wait()
+            try:
+                s.connect(path)
+                s.sendall(b"ping\n")
+                reply = recv_all(s).decode().strip()
+            except OSError as exc:
+                reply = repr(exc)
+        with lock:
+            replies.append(reply)
+
+    threads = [threading.Thread(target=ping) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert replies == ["pong"] * clients
+
+
+def _free_below(pid: int, limit: int) -> int:
+    """Descriptor numbers below *limit* not in use by *pid*."""
+    return limit - sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if int(fd) < limit)
+
+
+def test_control_socket_at_the_descriptor_limit_does_not_spin(supervisor, tmp_path):
+    """At the descriptor limit, accept() fails with EMFILE while the connection stays
+    queued: the master used to wake up for it again at once, forever (99% CPU). It
+    must rest until descriptors are free again, then answer."""
+    sv = supervisor(ECHO.format(workers=1))
+    path = str(tmp_path / "run" / "preforkd.sock")
+    limit = max(int(fd) for fd in os.listdir(f"/proc/{sv.pid}/fd")) + 3
+    _, hard = resource.prlimit(sv.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(sv.pid, resource.RLIMIT_NOFILE, (limit, hard))
+    silent: List[socket.socket] = []  # clients that say nothing hold a descriptor each, for 5 s
+    try:
+        free = _free_below(sv.pid, limit)
+        while free:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            silent.append(s)
+            wait_for(lambda f=free: _free_below(sv.pid, limit) < f, timeout=10,
+                     message="the master to accept a silent client")
+            free = _free_below(sv.pid, limit)
+        master = psutil.Process(sv.pid)
+        cpu0, wall0 = sum(master.cpu_times()[:2]), time.monotonic()
+        # Queued where the master cannot accept it; answered once the silent clients
+        # time out (control.CLIENT_TIMEOUT) and their descriptors are free.
+        from preforkd.control import query
+
+        assert query(path, "ping", timeout=30) == "pong"
+        cpu, wall = sum(master.cpu_times()[:2]) - cpu0, time.monotonic() - wall0
+        assert wall > 1.0  # it did have to wait for descriptors
+        assert cpu < 0.25 * wall, f"the master burnt {cpu:.2f} s of CPU in {wall:.2f} s at the fd limit"
+        paused = sv.wait_event("control.accept_paused")
+        assert paused["error"] == "Too many open files"
+    finally:
+        for s in silent:
+            s.close()

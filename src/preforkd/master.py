@@ -88,7 +88,7 @@ class Master:
         self.notifier = Notifier()
         self.reloader = Reloader(config_arg, self.selector, self.logger, self.notifier, self.commit_reload,
                                  handover)
-        self.control = ControlServer(self.selector, self.status)
+        self.control = ControlServer(self.selector, self.status, self.logger)
         self.pools: Dict[str, Pool] = {}
         self.listeners: Dict[str, Listener] = {}  # listener key -> listener
         self.pidfile: Optional[Pidfile] = None
@@ -389,7 +389,8 @@ class Master:
             if pool.failures:
                 deadlines.append(now + 0.25)
         deadlines += self.workers.deadlines()
-        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline()) if t is not None]
+        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.control.deadline())
+                      if t is not None]
         return max(0.0, min(deadlines) - now)
 
     def status(self) -> Dict[str, Any]:
