@@ -5,6 +5,9 @@ need=""
 command -v socat >/dev/null 2>&1 || need="$need socat"
 command -v systemd-socket-activate >/dev/null 2>&1 || need="$need systemd"
 command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+command -v unshare >/dev/null 2>&1 || need="$need util-linux"
+command -v setsid >/dev/null 2>&1 || need="$need util-linux"
+command -v useradd >/dev/null 2>&1 || need="$need passwd"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing test tools:$need"
