@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import errno
 import logging
 import os
 import stat
@@ -66,7 +67,8 @@ class LogSink:
         :param owner: a uid to give the file to when it is not already its owner, and
             then read and write permission for that owner: what the master does as
             root for workers running as ``supervisor.user``, so that they can reopen
-            it after it (nginx's ``ngx_reopen_files`` does the same).
+            it after it (nginx's ``ngx_reopen_files`` does the same). Only a regular
+            file with a single link is handed over.
         :raises OSError: when the file cannot be opened (the old one stays in use).
         """
         if not self.path or not self._owned:
@@ -76,6 +78,11 @@ class LogSink:
         try:
             if owner is not None:
                 st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    # A hard link planted in a directory the workers' user can write
+                    # to would hand that user whatever it links to (say /etc/shadow).
+                    raise OSError(errno.EPERM, "is not a regular file with a single link; not handing it "
+                                  "over to supervisor.user", self.path)
                 if st.st_uid != owner:
                     os.fchown(fd, owner, -1)
                 if st.st_mode & 0o600 != 0o600:

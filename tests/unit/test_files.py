@@ -138,3 +138,30 @@ def test_lock_holder_names_the_process_holding_the_lock_not_the_pid_written(tmp_
         holder.kill()
         holder.wait()
     assert lock_holder(str(path)) is None
+
+
+# -- the log file on SIGUSR1 ------------------------------------------------------------
+
+
+def test_log_reopen_never_hands_over_a_file_with_another_link(tmp_path: Path) -> None:
+    """What the master gives the workers' user on SIGUSR1 must be the log file alone:
+    a hard link planted at the log's path would give away what it links to."""
+    from preforkd.log import LogSink
+
+    sink = LogSink()
+    log = tmp_path / "p.log"
+    sink.open(str(log))
+    try:
+        os.rename(log, tmp_path / "p.log.1")
+        precious = tmp_path / "precious"
+        precious.write_text("keep\n")
+        os.link(precious, log)
+        owner = os.geteuid()
+        with pytest.raises(OSError, match="single link"):
+            sink.reopen(owner=owner)
+        os.unlink(log)
+        sink.reopen(owner=owner)  # a fresh file is fine
+        assert os.path.samestat(os.fstat(sink.fd), os.stat(log))
+        assert precious.read_text() == "keep\n"
+    finally:
+        sink.close()
