@@ -13,6 +13,9 @@ command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
 command -v systemd-nspawn >/dev/null 2>&1 || need="$need systemd-container"
 command -v nsenter >/dev/null 2>&1 || need="$need util-linux"
 command -v unshare >/dev/null 2>&1 || need="$need util-linux"
+# The hostile-neighbour tests (tests/test_hostile.py) make users and new sessions.
+command -v setsid >/dev/null 2>&1 || need="$need util-linux"
+command -v useradd >/dev/null 2>&1 || need="$need passwd"
 # The scale-out tests run the real HAProxy (tests/test_haproxy.py); the container test
 # runs preforkd as PID 1 of its own PID namespace with unshare (tests/test_container.py).
 command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need="$need haproxy"

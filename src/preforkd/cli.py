@@ -4,7 +4,8 @@ The configuration file is ``-c FILE``, else ``$PREFORKD_CONFIG``, else
 ``/etc/preforkd/preforkd.toml`` if it exists, else the built-in default.
 
 Exit statuses: 0 success; 1 failure (one line on stderr says why); ``status``
-returns 3 when the supervisor is not running and 4 when it cannot tell (LSB
+returns 3 when the supervisor is not running and 4 when it cannot tell (the
+configuration cannot be read, or the runtime directory is not to be trusted; LSB
 init-script convention, "status" action).
 """
 
@@ -13,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from . import __version__
 from .config import Config, ConfigError, load_config, resolve_config_path, runtime_only_config
@@ -25,8 +27,8 @@ from .shipped import SAMPLE_FILES, read_shipped
 
 EXIT_OK, EXIT_FAIL, EXIT_NOT_RUNNING = 0, 1, 3
 #: LSB "program or service status is unknown": the configuration that names the
-#: pidfile and control socket cannot be read.
-EXIT_STATUS_UNKNOWN = 4
+#: pidfile and control socket cannot be read, or their directory is not to be trusted.
+EXIT_UNKNOWN = 4
 #: The default configuration file when ``-c`` is not given (before the system default).
 CONFIG_PATH_ENV = "PREFORKD_CONFIG"
 
@@ -236,50 +238,125 @@ def _start(inv: Invocation) -> int:
     return start(inv.config, inv.handlers, inv.config_arg, inv.args.timeout)
 
 
-def _live_pid(config: Config) -> Optional[int]:
-    """The running master's pid from the pidfile, or None (no file, stale file)."""
-    from .pidfile import is_locked, looks_like_preforkd, read_pid
+class NotFound(Exception):
+    """No master to talk to; ``str()`` is the one line to print (exit 1), or ""
+    when there simply is none running (a missing or stale pidfile)."""
+
+
+def _runtime_problem(config: Config) -> Optional[str]:
+    """Why the directories of the pidfile and the control socket must not be trusted
+    (another user owns one, or can write to it), or ``None``."""
+    from .files import runtime_dir_problem
+
+    for what, path in (("pidfile", config.supervisor.pidfile), ("control socket", config.supervisor.control_socket)):
+        if path:
+            problem = runtime_dir_problem(os.path.dirname(path), daemon=False)
+            if problem:
+                return f"{what} {path}: {problem}; not trusting it"
+    return None
+
+
+def _master_pid(config: Config) -> int:
+    """The pid of the process that holds the pidfile's lock, as this process sees it:
+    the running master. The pid written in the file is not trusted (a stale file may
+    name anybody; a master in a container writes the pid it has in there).
+
+    :raises NotFound: ``str()`` empty when nothing is running (no pidfile, or nobody
+        holds its lock); else one line saying why the master cannot be reached from here.
+    """
+    from .pidfile import OUTSIDE_NAMESPACE, lock_holder
 
     path = config.supervisor.pidfile
     if not path:
-        return None
-    pid = read_pid(path)
-    if pid is None:
-        return None
-    if is_locked(path) or looks_like_preforkd(pid):
-        try:
-            os.kill(pid, 0)
-            return pid
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-    return None
+        raise NotFound("")
+    problem = _runtime_problem(config)
+    if problem:
+        raise NotFound(problem)
+    try:
+        holder = lock_holder(path)
+    except OSError as exc:
+        raise NotFound(f"cannot read pidfile {path}: {exc.strerror}") from None
+    if holder is None:
+        raise NotFound("")
+    if holder == OUTSIDE_NAMESPACE:
+        raise NotFound(f"pidfile {path} is held by a process outside this PID namespace "
+                       "(a supervisor in another container?); it cannot be signalled from here")
+    return holder
+
+
+def _signal_master(config: Config, sig: int) -> Tuple[int, Optional[int]]:
+    """Send *sig* to the process holding the pidfile's lock (:func:`_master_pid`).
+
+    Through a pidfd (pidfd_open(2), Linux 5.3) taken *before* the lock is looked up
+    once more, so that the signal reaches the process that held the lock even if it
+    exited and its pid was reused in between.
+
+    :returns: ``(pid, pidfd)``; the pidfd (or ``None`` where there are none) tells
+        when that process has exited: the caller closes it.
+    :raises NotFound: as :func:`_master_pid` does; when the master is gone by the time
+        it would be signalled (with an empty message); or when this user may not
+        signal it.
+    """
+    pid = _master_pid(config)
+    try:
+        pidfd: Optional[int] = os.pidfd_open(pid)
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, ProcessLookupError):
+            raise NotFound("") from None
+        pidfd = None  # no pidfds here: plain kill(2)
+    try:
+        if pidfd is not None and _master_pid(config) != pid:
+            raise NotFound("")  # exited meanwhile; the pid may be somebody else's now
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError) as exc:
+        if pidfd is not None:
+            os.close(pidfd)
+        raise NotFound("" if isinstance(exc, ProcessLookupError) else f"not allowed to signal pid {pid}") from None
+    except BaseException:
+        if pidfd is not None:
+            os.close(pidfd)
+        raise
+    return pid, pidfd
 
 
 def _stop(inv: Invocation) -> int:
     config, args = inv.config, inv.args
-    pid = _live_pid(config)
-    if pid is None:
+    try:
+        pid, pidfd = _signal_master(config, signal.SIGTERM)
+    except NotFound as exc:
+        if str(exc):
+            print(f"preforkd: {exc}", file=sys.stderr)
+            return EXIT_FAIL
         print("preforkd: not running")
         return EXIT_OK
     timeout = args.timeout if args.timeout is not None else config.supervisor.graceful_timeout + 10
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        print("preforkd: not running")
-        return EXIT_OK
-    except PermissionError:
-        print(f"preforkd: not allowed to signal pid {pid}", file=sys.stderr)
-        return EXIT_FAIL
+        if _wait_exit(pid, pidfd, timeout):
+            print(f"preforkd: stopped (pid {pid})")
+            return EXIT_OK
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    print(f"preforkd: pid {pid} still running after {timeout:g} s", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _wait_exit(pid: int, pidfd: Optional[int], timeout: float) -> bool:
+    """Wait up to *timeout* seconds for the process to exit: *pidfd* turns readable
+    then (pidfd_open(2)); without one, poll its state."""
+    if pidfd is not None:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _alive(pid):
-            print(f"preforkd: stopped (pid {pid})")
-            return EXIT_OK
+            return True
         time.sleep(0.05)
-    print(f"preforkd: pid {pid} still running after {timeout:g} s", file=sys.stderr)
-    return EXIT_FAIL
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -295,9 +372,10 @@ def _reload(inv: Invocation) -> int:
     from .control import query_status
 
     config, args = inv.config, inv.args
-    pid = _live_pid(config)
-    if pid is None:
-        print("preforkd: not running; nothing to reload", file=sys.stderr)
+    try:
+        _master_pid(config)
+    except NotFound as exc:
+        print(f"preforkd: {str(exc) or 'not running; nothing to reload'}", file=sys.stderr)
         return EXIT_FAIL
     sock = config.supervisor.control_socket
     try:
@@ -306,7 +384,13 @@ def _reload(inv: Invocation) -> int:
         print(f"preforkd: cannot read status from {sock}: {exc}", file=sys.stderr)
         return EXIT_FAIL
     seq0 = int(before["reload"]["seq"])
-    os.kill(pid, signal.SIGHUP)
+    try:
+        _, pidfd = _signal_master(config, signal.SIGHUP)
+    except NotFound as exc:
+        print(f"preforkd: {str(exc) or 'not running; nothing to reload'}", file=sys.stderr)
+        return EXIT_FAIL
+    if pidfd is not None:
+        os.close(pidfd)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         time.sleep(0.05)
@@ -352,11 +436,19 @@ def _status(inv: Invocation) -> int:
     from .status import render
 
     config, args = inv.config, inv.args
+    problem = _runtime_problem(config)
+    if problem:
+        print(f"preforkd: {problem}", file=sys.stderr)
+        return EXIT_UNKNOWN
     try:
         st = query_status(config.supervisor.control_socket)
     except (OSError, ValueError):
-        pid = _live_pid(config)
-        if pid is None:
+        try:
+            pid = _master_pid(config)
+        except NotFound as exc:
+            if str(exc):
+                print(f"preforkd: {exc}", file=sys.stderr)
+                return EXIT_UNKNOWN
             if args.json:
                 print(json.dumps({"running": False, "config": config.source,
                                   "pidfile": config.supervisor.pidfile or None}))
@@ -396,7 +488,7 @@ def _status_unreadable(path: Optional[str], exc: ConfigError, as_json: bool) -> 
     the control socket is known: a missing file is "not running" (3), anything else
     "unknown" (4), as the LSB init-script "status" action defines them."""
     missing = bool(path) and not os.path.lexists(str(path))
-    code = EXIT_NOT_RUNNING if missing else EXIT_STATUS_UNKNOWN
+    code = EXIT_NOT_RUNNING if missing else EXIT_UNKNOWN
     if as_json:
         print(json.dumps({"running": False if missing else None, "config": path, "error": str(exc)}))
     elif missing:

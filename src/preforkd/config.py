@@ -12,6 +12,7 @@ The keys are documented in ``docs/configuration.md`` and ``etc/preforkd.toml``.
 
 from __future__ import annotations
 
+import errno
 import grp
 import importlib.util
 import ipaddress
@@ -27,6 +28,7 @@ else:  # pragma: no cover - exercised on 3.9/3.10 only
     import tomli as tomllib
 
 from .addresses import Address, AddressError, parse_address
+from .files import read_regular_file
 
 DEFAULT_CONFIG_PATH = "/etc/preforkd/preforkd.toml"
 DEFAULT_HANDLER = "preforkd.services:echo"
@@ -51,6 +53,9 @@ DEFAULT_PROXY_TRUSTED = ("127.0.0.0/8", "::1/128")
 #: Workers per pool (TTIN stops there too); the scoreboard has room for four times
 #: that in all, old generations included.
 MAX_WORKERS = 1024
+#: Largest configuration file read, in bytes (1 MiB): it is read by the master on
+#: every HUP, and a file that is not a regular file or is larger is a failed reload.
+MAX_CONFIG_BYTES = 1 << 20
 
 
 class ConfigError(Exception):
@@ -319,11 +324,7 @@ def load_config(path: Optional[str], text: Optional[bytes] = None) -> Config:
         return build_config(data, "<built-in default>", os.getcwd(), "")
     source = path
     if text is None:
-        try:
-            with open(path, "rb") as f:
-                text = f.read()
-        except OSError as exc:
-            raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+        text = read_config_file(path)
     try:
         document = text.decode("utf-8")
         data = tomllib.loads(document)
@@ -335,6 +336,21 @@ def load_config(path: Optional[str], text: Optional[bytes] = None) -> Config:
     return build_config(data, source, os.path.dirname(abspath), abspath)
 
 
+def read_config_file(path: str) -> bytes:
+    """The bytes of the configuration file *path*, read without blocking: it must be a
+    regular file (a FIFO or a device is refused without waiting on it) of at most
+    :data:`MAX_CONFIG_BYTES` (see :func:`preforkd.files.read_regular_file`).
+
+    :raises ConfigError: one line saying why it cannot be read.
+    """
+    try:
+        return read_regular_file(path, MAX_CONFIG_BYTES)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise ConfigError(path, "", f"cannot read: larger than {MAX_CONFIG_BYTES} bytes (1 MiB)") from None
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+
+
 def runtime_only_config(path: Optional[str]) -> Optional[Config]:
     """The file's ``[supervisor]`` table (pidfile, control socket) with the rest left at
     the built-in default, for ``status`` and ``stop`` when the file as a whole is
@@ -343,8 +359,7 @@ def runtime_only_config(path: Optional[str]) -> Optional[Config]:
     if not path:
         return None
     try:
-        with open(path, "rb") as f:
-            data = tomllib.loads(f.read().decode("utf-8"))
+        data = tomllib.loads(read_config_file(path).decode("utf-8"))
         sup = data.get("supervisor", {})
         abspath = os.path.abspath(path)
         return build_config({"supervisor": sup, **BUILTIN_DEFAULT}, path, os.path.dirname(abspath), abspath)

@@ -10,6 +10,15 @@ Commands, one line each; the reply is one line, then the server closes:
 Everything is non-blocking and driven by the master's selector, so a slow or
 silent client never stalls the master loop; a client gets
 :data:`CLIENT_TIMEOUT` seconds to send its line and read the reply.
+
+Many clients at once: the socket listens with a backlog of :data:`BACKLOG` and the
+master accepts until the queue is empty (at most :data:`ACCEPT_BATCH` per wake-up, so
+that the loop's other work goes on). Out of descriptors (``EMFILE``, ``ENFILE``) the
+master stops watching the socket for :data:`ACCEPT_PAUSE` seconds instead of waking
+again at once for a connection it cannot take (a busy loop): the clients wait in the
+queue and are served once descriptors are free again (``control.accept_paused``, once
+per episode). A client finding the queue full (``EAGAIN`` on ``connect``) retries
+until its timeout (:func:`query`).
 """
 
 from __future__ import annotations
@@ -23,11 +32,20 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .addresses import Address
+from .files import UnsafePathError, ensure_runtime_dir
 from .listeners import ListenerError, bind_unix, unlink_if_ours
+from .log import Logger
 
 #: Seconds a control client has to send its line and read the reply.
 CLIENT_TIMEOUT = 5.0
 MAX_REQUEST = 1024
+#: listen(2) backlog of the control socket (capped by net.core.somaxconn).
+BACKLOG = 512
+#: Connections accepted in one wake-up at most.
+ACCEPT_BATCH = 256
+#: Seconds the master stops accepting after running out of descriptors.
+ACCEPT_PAUSE = 0.25
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class _Client:
@@ -45,17 +63,22 @@ class ControlServer:
 
     :param status: a callable returning the status document (a JSON-able dict).
     :param commands: more commands: name -> a callable returning the reply line.
+    :param logger: where ``control.accept_paused`` goes (``None``: nowhere).
     """
 
     def __init__(self, selector: selectors.BaseSelector, status: Callable[[], Dict[str, Any]],
-                 commands: Optional[Dict[str, Callable[[], str]]] = None) -> None:
+                 commands: Optional[Dict[str, Callable[[], str]]] = None, logger: Optional[Logger] = None) -> None:
         self.selector = selector
         self.status = status
         self.commands = commands or {}
+        self.logger = logger
         self.sock: Optional[socket.socket] = None
         self.path = ""
         self.file_id: Optional[Tuple[int, int]] = None
         self.clients: Dict[int, _Client] = {}
+        #: While out of descriptors: when to watch the socket again (monotonic seconds).
+        self.paused_until: Optional[float] = None
+        self._pause_logged = False
 
     def bind(self, path: str) -> None:
         """Create the socket file at *path* (mode 0600, parents created).
@@ -63,8 +86,9 @@ class ControlServer:
         :raises ListenerError: when *path* is taken by a live server or is not a socket.
         """
         try:
-            lst = bind_unix(Address(kind="unix", path=path), backlog=16, mode=0o600)
-        except ListenerError as exc:
+            ensure_runtime_dir(os.path.dirname(path) or ".")
+            lst = bind_unix(Address(kind="unix", path=path), backlog=BACKLOG, mode=0o600)
+        except (ListenerError, UnsafePathError) as exc:
             raise ListenerError(f"control socket: {exc}") from None
         self._use(lst.sock, path, lst.file_id)
 
@@ -101,16 +125,21 @@ class ControlServer:
         return self.sock.fileno() if self.sock else None
 
     def _on_accept(self, _mask: int) -> None:
+        """Accept what is queued (see the module's notes on many clients)."""
         assert self.sock is not None
-        for _ in range(16):
+        for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ECONNABORTED):
+                if exc.errno == errno.ECONNABORTED:
+                    continue
+                if exc.errno in _OUT_OF_FDS:
+                    self._pause(exc)
                     return
                 raise
+            self._pause_logged = False
             conn.setblocking(False)
             client = _Client(conn)
             self.clients[conn.fileno()] = client
@@ -158,10 +187,32 @@ class ControlServer:
             pass
         client.sock.close()
 
+    def _pause(self, exc: OSError) -> None:
+        """Out of descriptors: stop watching the socket for :data:`ACCEPT_PAUSE` seconds."""
+        assert self.sock is not None
+        try:
+            self.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.paused_until = time.monotonic() + ACCEPT_PAUSE
+        if not self._pause_logged and self.logger is not None:
+            self._pause_logged = True
+            self.logger.warning("control.accept_paused", error=exc.strerror, clients=len(self.clients),
+                                pause=ACCEPT_PAUSE)
+
+    def deadline(self) -> Optional[float]:
+        """When :meth:`expire` must run to watch the socket again (monotonic seconds), if paused."""
+        return self.paused_until
+
     def expire(self, now: float) -> None:
-        """Drop clients that overran :data:`CLIENT_TIMEOUT` (*now*: monotonic seconds)."""
+        """Drop clients that overran :data:`CLIENT_TIMEOUT`, and watch the socket again
+        after a pause (*now*: monotonic seconds)."""
         for client in [c for c in self.clients.values() if c.deadline <= now]:
             self._drop(client)
+        if self.paused_until is not None and now >= self.paused_until:
+            self.paused_until = None
+            if self.sock is not None:
+                self.selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
 
     def close_clients(self) -> None:
         for client in list(self.clients.values()):
@@ -177,6 +228,7 @@ class ControlServer:
                 pass
             self.sock.close()
             self.sock = None
+        self.paused_until = None
         if unlink and self.file_id:
             unlink_if_ours(self.path, self.file_id)
 
@@ -184,11 +236,22 @@ class ControlServer:
 def query(path: str, command: str = "status", timeout: float = 5.0) -> str:
     """Send one command to the control socket at *path* and return the reply line.
 
+    A full accept queue (``EAGAIN`` from a Unix socket's ``connect``, unix(7)) is
+    retried until *timeout* seconds have passed.
+
     :raises OSError: when nothing answers there (no such file, refused, timeout).
     """
+    deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(path)
+        while True:
+            try:
+                sock.connect(path)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, f"{path}: accept queue full") from None
+                time.sleep(0.01)
         sock.sendall(command.encode() + b"\n")
         chunks = []
         while True:

@@ -4,7 +4,9 @@ TCP listeners get ``SO_REUSEADDR`` (and ``SO_REUSEPORT`` when the service asks),
 IPv6 ones ``IPV6_V6ONLY`` (like nginx), the configured backlog, and
 ``O_NONBLOCK``: workers wait in ``epoll`` with ``EPOLLEXCLUSIVE`` and accept
 without blocking. Unix listeners are created with ``socket_mode`` already in force
-(umask set around ``bind``), missing parent directories are created, a leftover
+(umask set around ``bind``) and get their owner through the very inode that was bound,
+never by name (:func:`preforkd.files.secure_socket_file`); missing parent
+directories are created, a leftover
 socket file that nobody answers on is removed first, and a path where a live
 server answers or that is not a socket is an error and is never deleted. Only the
 socket file this supervisor created (same device and inode) is ever unlinked.
@@ -23,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .addresses import Address
 from .config import Config, ServiceConfig
+from .files import UnsafePathError, secure_socket_file
 from .log import Logger
 from .reexec import InheritedListener
 
@@ -152,16 +155,18 @@ def bind_unix(address: Address, backlog: int, mode: int, owner: Tuple[int, int] 
     finally:
         os.umask(old_umask)
     try:
-        st = os.lstat(path)
-        os.chmod(path, mode)
-        if owner != (-1, -1):
-            os.chown(path, owner[0], owner[1])
+        # Mode and owner go on the inode we bound, never by name (a symlink renamed
+        # over the path meanwhile would hand its target over): see preforkd.files.
+        file_id = secure_socket_file(sock, path, mode, owner)
         sock.listen(backlog)
         sock.setblocking(False)
+    except UnsafePathError as exc:
+        sock.close()
+        raise ListenerError(str(exc)) from None
     except OSError as exc:
         sock.close()
         raise ListenerError(f"cannot listen on {address}: {exc.strerror or exc}") from None
-    return Listener(address=address, sock=sock, bound=f"unix:{path}", file_id=(st.st_dev, st.st_ino))
+    return Listener(address=address, sock=sock, bound=f"unix:{path}", file_id=file_id)
 
 
 def remove_stale_unix_socket(path: str) -> None:

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import errno
 import json
 import logging
 import os
+import stat
 import time
 import traceback
-from typing import Any, Callable, Dict, List, MutableMapping, Tuple
+from typing import Any, Callable, Dict, List, MutableMapping, Optional, Tuple
+
+from .files import open_nofollow
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -31,6 +35,11 @@ class LogSink:
     Writes go straight to the file descriptor (``os.write``), one whole line per
     call, so lines from the master and workers sharing an ``O_APPEND`` file never
     interleave mid-line and nothing sits in a buffer across ``fork``.
+
+    The log file is never opened through a symbolic link (``O_NOFOLLOW``, see
+    :mod:`preforkd.files`). A reopen (SIGUSR1) puts the new file on the same
+    descriptor number (``dup2``), so the switch is one atomic step even when it
+    happens in a signal handler between two writes.
     """
 
     def __init__(self) -> None:
@@ -41,23 +50,59 @@ class LogSink:
     def open(self, path: str) -> None:
         """Use *path* (append mode, created 0640) or stderr if empty.
 
-        :raises OSError: when the file cannot be opened.
+        :raises OSError: when the file cannot be opened (a symbolic link included).
         """
         if path:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         else:
             fd = 2
         self.close()
         self.path, self.fd, self._owned = path, fd, bool(path)
 
-    def reopen(self) -> None:
-        """Reopen the log file by name (after logrotate moved it); a no-op on stderr.
+    def reopen(self, create: bool = True, owner: Optional[int] = None) -> None:
+        """Reopen the log file by name (after logrotate moved it) onto the same
+        descriptor; a no-op on stderr.
 
+        :param create: create the file if it is missing (the master does; a worker,
+            which may lack the right to, only opens what the master made).
+        :param owner: a uid to give the file to when it is not already its owner, and
+            then read and write permission for that owner: what the master does as
+            root for workers running as ``supervisor.user``, so that they can reopen
+            it after it (nginx's ``ngx_reopen_files`` does the same). Only a regular
+            file with a single link is handed over.
         :raises OSError: when the file cannot be opened (the old one stays in use).
         """
-        if self.path:
-            self.open(self.path)
+        if not self.path or not self._owned:
+            return
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
+        fd = open_nofollow(self.path, flags, 0o640)
+        try:
+            if owner is not None:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    # A hard link planted in a directory the workers' user can write
+                    # to would hand that user whatever it links to (say /etc/shadow).
+                    raise OSError(errno.EPERM, "is not a regular file with a single link; not handing it "
+                                  "over to supervisor.user", self.path)
+                if st.st_uid != owner:
+                    os.fchown(fd, owner, -1)
+                if st.st_mode & 0o600 != 0o600:
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode) | 0o600)
+            os.dup2(fd, self.fd, inheritable=False)
+        finally:
+            os.close(fd)
+
+    def moved(self) -> bool:
+        """Is there a file at our path now, other than the one we write to (a rotation
+        happened since we opened it)?"""
+        if not self.path or not self._owned:
+            return False
+        try:
+            ours, now = os.fstat(self.fd), os.lstat(self.path)
+        except OSError:
+            return False
+        return (ours.st_dev, ours.st_ino) != (now.st_dev, now.st_ino)
 
     def close(self) -> None:
         if self._owned:
@@ -261,9 +306,12 @@ class EventLog:
         """Add context (``service``, ``worker``, ``generation``...) to every later event."""
         self.context.update(context)
 
-    def reopen(self) -> None:
-        """Reopen the log file (SIGUSR1). :raises OSError: when it cannot be opened."""
-        self.sink.reopen()
+    def reopen(self, create: bool = True, owner: Optional[int] = None) -> None:
+        """Reopen the log file (SIGUSR1); see :meth:`LogSink.reopen`.
+
+        :raises OSError: when it cannot be opened (the old file stays in use).
+        """
+        self.sink.reopen(create, owner)
 
     def logger(self, **initial: Any) -> Logger:
         """A logger whose events also carry *initial*."""

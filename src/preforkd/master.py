@@ -26,6 +26,7 @@ import json
 import os
 import selectors
 import signal
+import sys
 import time
 from types import FrameType
 from typing import Any, Callable, Deque, Dict, List, Optional
@@ -97,7 +98,8 @@ class Master:
         self.counters = Counters(handover.counters if handover else ())
         self.reloader = Reloader(config_arg, self.selector, self.logger, self.notifier, self.commit_reload,
                                  handover, self.counters)
-        self.control = ControlServer(self.selector, self.status, {"drain": self.drain, "undrain": self.undrain})
+        self.control = ControlServer(self.selector, self.status, {"drain": self.drain, "undrain": self.undrain},
+                                     self.logger)
         self.agent: Optional[Endpoint] = None  # the agent-check endpoint, when configured (also in endpoints)
         self.pools: Dict[str, Pool] = {}
         self.listeners: Dict[str, Listener] = {}  # listener key -> listener
@@ -129,6 +131,10 @@ class Master:
         except (ListenerError, PidfileError) as exc:
             self.log.activate()
             self.logger.error("supervisor.start_failed", error=str(exc))
+            if self.launcher is None and self.log.sink.fd != 2:
+                # `run` logging to a file: the reason is on stderr too, the line that
+                # `start` prints, so that whoever ran it sees why it did not start.
+                print(f"preforkd: start failed: {exc}", file=sys.stderr, flush=True)
             self._report(f"ERROR {exc}")
             self._cleanup()
             return 1
@@ -254,8 +260,15 @@ class Master:
         self._resize(-1)
 
     def handle_usr1(self) -> None:
-        """Reopen the log file and tell every worker to reopen theirs."""
-        self.log.reopen()
+        """Reopen the log file and tell every worker to reopen theirs. Workers running as
+        ``supervisor.user`` could not open a file only root may write, so the master
+        (as root) makes the new file theirs first, as nginx does; if the master cannot
+        reopen it, everyone keeps the file they have (``log.reopen_failed``)."""
+        try:
+            self.log.reopen(owner=self.creds.uid if os.geteuid() == 0 else None)
+        except OSError as exc:
+            self.logger.error("log.reopen_failed", file=self.log.sink.path, error=exc.strerror or str(exc))
+            return
         self.logger.info("log.reopened", file=self.log.sink.path or "stderr")
         for w in self.workers.all():
             kill_quietly(w.pid, signal.SIGUSR1)
@@ -467,7 +480,8 @@ class Master:
         deadlines += self.workers.deadlines()
         deadlines += [t for t in (ep.deadline() for ep in self.endpoints) if t is not None]
         stop_at = self.stop_at if self.phase is not Phase.STOPPING else None  # once due, it is done
-        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.watchdog.deadline(), stop_at)
+        deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.watchdog.deadline(), stop_at,
+                                  self.control.deadline())
                       if t is not None]
         return max(0.0, min(deadlines) - now)
 

@@ -1,71 +1,75 @@
-"""A locked pidfile.
+"""A locked pidfile, and who holds it.
 
-The master holds an exclusive ``flock(2)`` on the pidfile for as long as it lives
-(across re-exec too: the descriptor is inherited), so a second supervisor can tell
-a live owner from a stale file without trusting the pid alone. A file that is not
-locked is stale when its pid is dead or now belongs to another program (checked
-with psutil), and is replaced. The file is removed on a clean exit.
+The master holds a POSIX record lock (``fcntl(F_SETLK)``, a write lock on the whole
+file) on its pidfile for as long as it lives, across re-exec too: the descriptor is
+inherited, and record locks are kept across ``execve`` (fcntl(2)). That lock, not
+the number written in the file, is what ``stop``, ``reload`` and ``status`` go by:
+``fcntl(F_GETLK)`` names the process that holds it, *translated into the caller's
+PID namespace* (0 when the holder is outside it; fs/locks.c
+``locks_translate_pid``). A pidfile nobody holds is stale, whatever pid it names.
+
+Why record locks and not ``flock(2)`` (which ``F_GETLK`` cannot see) or OFD locks
+(for which ``F_OFD_GETLK`` reports ``l_pid = -1``)? Only a record lock tells who
+holds it. Its pitfall is that a process drops all its record locks on a file when
+it closes *any* descriptor of that file, so the master never opens its pidfile a
+second time: everything goes through the one descriptor. It also takes a
+``flock`` on that descriptor, which is what earlier versions of preforkd test.
+
+The file is opened without following a symlink (:func:`preforkd.files.open_nofollow`)
+in a checked runtime directory (:func:`preforkd.files.ensure_runtime_dir`), and
+removed on a clean exit.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import struct
 from typing import Optional
+
+from .files import UnsafePathError, ensure_runtime_dir, open_nofollow
+
+#: What :func:`lock_holder` returns for a holder outside the caller's PID namespace.
+OUTSIDE_NAMESPACE = 0
+
+# struct flock on Linux (64-bit off_t): short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid, padded to 32 bytes.
+_FLOCK = "hhqqi4x"
 
 
 class PidfileError(Exception):
     """The pidfile cannot be taken; the message is one line (e.g. already running)."""
 
 
-def read_pid(path: str) -> Optional[int]:
-    """The pid written in *path*, or ``None`` if the file is missing or not a pid."""
-    try:
-        with open(path, encoding="ascii", errors="replace") as f:
-            text = f.read(64).strip()
-    except OSError:
+def _holder_of(fd: int) -> Optional[int]:
+    """``F_GETLK`` for a write lock on the whole file open at *fd*: ``None`` when nobody
+    (else) holds a conflicting record lock, else the holder's pid as this process sees
+    it (:data:`OUTSIDE_NAMESPACE` when it is not visible here)."""
+    query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    l_type, _, _, _, l_pid = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    if l_type == fcntl.F_UNLCK:
         return None
-    return int(text) if text.isascii() and text.isdigit() and int(text) > 0 else None
+    return max(int(l_pid), OUTSIDE_NAMESPACE)  # -1 (an OFD lock) says as little as 0
 
 
-def is_locked(path: str) -> bool:
-    """True when some process holds the pidfile's lock (a live supervisor)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return False
+def lock_holder(path: str) -> Optional[int]:
+    """Who holds the lock on the pidfile *path*, as seen from this process.
 
-
-def looks_like_preforkd(pid: int) -> bool:
-    """Is *pid* alive and a preforkd master (by its command line, via psutil)?
-
-    A master names itself ``preforkd: master ...`` before it writes a pidfile; without
-    that title it runs ``preforkd run|start`` or ``python -m preforkd run|start``.
-    Merely mentioning preforkd is not enough: a stale pid now used by
-    ``tail -f preforkd.log`` or an editor on ``preforkd.toml`` is another program.
+    :returns: ``None`` when there is no such file or nobody holds it (a stale file,
+        whatever pid it names); the holder's pid in this PID namespace; or
+        :data:`OUTSIDE_NAMESPACE` (0) when the holder runs in a PID namespace this
+        process cannot see into.
+    :raises OSError: when the file exists but cannot be opened (a symlink, a FIFO...).
     """
-    import psutil
-
     try:
-        cmdline = psutil.Process(pid).cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-    if " ".join(cmdline).startswith("preforkd: master"):
-        return True
-    words = [os.path.basename(w) for w in cmdline]
-    for i, word in enumerate(words):
-        if word == "preforkd" and (i == 0 or words[i - 1] == "-m" or words[0].startswith("python")):
-            return any(w in ("run", "start") for w in words[i + 1:])
-    return False
+        fd = open_nofollow(path, os.O_RDONLY, regular=True)
+    except FileNotFoundError:
+        return None
+    try:
+        return _holder_of(fd)
+    finally:
+        os.close(fd)  # this process holds no lock on it: closing costs nothing
 
 
 class Pidfile:
@@ -78,34 +82,50 @@ class Pidfile:
     def acquire(self, pid: int) -> None:
         """Create or take over the pidfile, lock it, and write *pid*.
 
-        :raises PidfileError: another live supervisor holds it, or it cannot be written.
+        :raises PidfileError: another live supervisor holds it, the runtime directory
+            is unsafe, or the file cannot be opened (a symlink, not a regular file...).
         """
         try:
-            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            ensure_runtime_dir(os.path.dirname(self.path) or ".")
+        except UnsafePathError as exc:
+            raise PidfileError(f"pidfile {self.path}: {exc}") from None
+        try:
+            fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, 0o644, regular=True)
         except OSError as exc:
             raise PidfileError(f"cannot open pidfile {self.path}: {exc.strerror}") from None
         try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # F_SETLK, whole file
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise PidfileError(f"cannot lock pidfile {self.path}: {exc.strerror}") from None
+            holder = _holder_of(fd)
+            os.close(fd)
+            who = ("a process in another PID namespace" if holder == OUTSIDE_NAMESPACE
+                   else f"pid {holder}" if holder else "another process")
+            raise PidfileError(f"already running: pidfile {self.path} is locked by {who}") from None
+        try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError:
             os.close(fd)
-            other = read_pid(self.path)
-            raise PidfileError(
-                f"already running: pidfile {self.path} is locked by pid {other if other else 'unknown'}"
-            ) from None
-        old = read_pid(self.path)
-        if old and old != pid and looks_like_preforkd(old):
-            os.close(fd)
-            raise PidfileError(f"already running: pid {old} in {self.path} is a live preforkd process")
+            raise PidfileError(f"already running: pidfile {self.path} is locked (flock) by an earlier "
+                               "version of preforkd") from None
         self.fd = fd
         self.write(pid)
 
     def adopt(self, fd: int) -> None:
-        """Keep using an inherited, already locked pidfile descriptor (re-exec)."""
+        """Keep using an inherited, already locked pidfile descriptor (re-exec). The
+        record lock is taken again in case the image before was an earlier version of
+        preforkd, which only held the ``flock``; it is ours already otherwise."""
         self.fd = fd
         os.set_inheritable(fd, False)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pass
 
     def write(self, pid: int) -> None:
+        """Replace the file's contents with ``PID\\n`` (through the locked descriptor)."""
         if self.fd is None:
             return
         data = f"{pid}\n".encode()
@@ -118,7 +138,7 @@ class Pidfile:
             return
         try:
             st = os.fstat(self.fd)
-            cur = os.stat(self.path)
+            cur = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == (cur.st_dev, cur.st_ino):
                 os.unlink(self.path)
         except OSError:

@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 from . import reexec
-from .config import Config, ConfigError, load_config, resolve_config_path
+from .config import Config, ConfigError, load_config, read_config_file, resolve_config_path
 from .counters import Counters
 from .log import Logger
 from .notify import Notifier
@@ -177,15 +177,10 @@ class Reloader:
         self.began = time.monotonic()
         self.notifier.reloading("reloading configuration")
         path = resolve_config_path(self.config_arg)
-        # Read the file once: the check and the new image get these very bytes.
-        self._text = None
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    self._text = f.read()
-            except OSError:
-                pass  # load_config says why
+        # Read the file once (a regular file, without blocking, bounded): the check and
+        # the new image get these very bytes.
         try:
+            self._text = read_config_file(path) if path else None
             self._config = load_config(path, text=self._text)
         except ConfigError as exc:
             self.failed(str(exc))

@@ -7,7 +7,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from .config import SAFE_PATH
 from .handler import Close, LineHandler, Reply
@@ -52,7 +52,14 @@ class CommandService:
 
     One instance per worker; it remembers the process group of the program serving the
     connection in hand (:attr:`group`), so that a worker that must exit early can end it
-    first (:meth:`kill_group`).
+    first (:meth:`end_processes`).
+
+    Every process the program starts ends with the connection, even one that left
+    its process group or session (``setsid sleep 1001 &``), which would otherwise
+    keep the client's socket open (the client never sees end of file) and outlive the
+    supervisor. The worker is a child subreaper (prctl(2) ``PR_SET_CHILD_SUBREAPER``):
+    whatever the program leaves behind is re-parented to the worker when its parent
+    exits, and :meth:`end_processes` kills and reaps all of it.
 
     :param idle_timeout: seconds the program may run; then its whole process group
         gets SIGTERM, and SIGKILL one second later.
@@ -114,8 +121,9 @@ class CommandService:
             except subprocess.TimeoutExpired:
                 self.kill_group(signal.SIGKILL)
                 proc.wait()
-        # The program may have left children in its group holding the socket; end them.
-        self.kill_group(signal.SIGKILL)
+        # The program may have left processes behind holding the socket, in its group
+        # or not: end them all.
+        self.end_processes()
         self.group = 0
         rc = proc.returncode
         if rc != 0:
@@ -136,6 +144,57 @@ class CommandService:
                 os.killpg(self.group, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def end_processes(self) -> None:
+        """Kill (SIGKILL) and reap every process the connection's program started: its
+        process group, then every child this worker has, which as a child subreaper
+        includes everything re-parented to it, round after round until none is left.
+        Safe to call from a signal handler (Python runs those between bytecodes)."""
+        self.kill_group(signal.SIGKILL)
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return  # no children at all: the common case, no /proc scan
+            if pid:
+                continue
+            children = child_pids()
+            if not children:
+                return  # no /proc to find them in; never wait on what we cannot kill
+            for child in children:
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                # One of them dies; anything it had is ours by then (re-parented before
+                # it can be reaped), and killed in the next round.
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+
+
+def child_pids() -> List[int]:
+    """The pids of this process's children, read from ``/proc/PID/stat`` (its fourth
+    field is the parent's pid, proc(5)); ``/proc/self/task/*/children`` would be
+    cheaper but needs ``CONFIG_PROC_CHILDREN``."""
+    me = os.getpid()
+    out: List[int] = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 1 and fields[1] == str(me).encode():
+            out.append(int(name))
+    return out
 
 
 def logged_command(command: CommandService, log_closed: HotEvent) -> Callable[..., str]:

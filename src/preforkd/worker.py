@@ -19,9 +19,10 @@ signal context, so they may close sockets and arm timers:
   nobody accepts, and arms a ``graceful_timeout`` timer (``SIGALRM``) that bounds the
   connection in hand even if the master is gone.
 * INT, QUIT: exit at once. ALRM (the graceful timer ran out): die of SIGALRM. Either
-  way the ``command`` program serving the connection in hand dies with its process
-  group first.
-* USR1: reopen the log file, when next idle.
+  way the ``command`` program serving the connection in hand dies first, with every
+  process it started (the worker of a ``command`` service is a child subreaper,
+  ``PR_SET_CHILD_SUBREAPER``, so even those that left its session are found).
+* USR1: reopen the log file at once (the outcome is logged when next idle).
 * HUP, TTIN, TTOU, WINCH, USR2: ignored (the master's; a terminal hangup must not
   kill workers).
 
@@ -155,7 +156,8 @@ class Worker:
         self.listeners: List[socket.socket] = list(spec.listeners)  # our copies; closed on a busy TERM
         self._stopping = False  # set by on_term; read through stop_requested
         self.busy = False
-        self.reopen_log = False
+        self.reopen_log = False  # a USR1 reopen happened: log its outcome when next idle
+        self.reopen_error = ""  # why that reopen failed, if it did
         self.env = spec.env
         self.logger: Logger = spec.env.log.logger()
         self.command = (CommandService(spec.service.command, spec.service.idle_timeout, self.logger, spec.cells)
@@ -185,6 +187,10 @@ class Worker:
         set_title(f"preforkd: worker {self.service.name}#{spec.number}")
         drop_privileges(env.credentials)
         _set_pdeathsig(signal.SIGTERM)
+        if self.command is not None:
+            # Whatever the program starts and leaves behind (even in a session of its
+            # own) becomes ours when its parent exits, to be ended with the connection.
+            _set_child_subreaper()
         if os.getppid() != env.master_pid:
             return 0  # the master died before we could ask to be told
         self._install_signals(event_driven=self.service.event_driven)
@@ -216,23 +222,29 @@ class Worker:
         signal.set_wakeup_fd(-1)
         for sig in WORKER_RESET:
             signal.signal(sig, signal.SIG_DFL)
+        # USR1's default action is to terminate: a log rotation while this worker is
+        # still setting itself up must not cost it (see _install_signals).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
     def _install_signals(self, event_driven: bool) -> None:
-        """INT, QUIT and ALRM act at once, even while a handler runs; the rest only set
-        flags, and a wakeup pipe interrupts ``epoll_wait`` (an event-driven worker's loop
-        installs its own TERM and USR1 handlers and wakeup fd)."""
+        """INT, QUIT and ALRM act at once, even while a handler runs; USR1 reopens the log
+        file at once too; the rest only set flags, and a wakeup pipe interrupts
+        ``epoll_wait`` (an event-driven worker's loop installs its own TERM handler and
+        wakeup fd, and logs USR1's outcome from the loop)."""
         signal.signal(signal.SIGINT, self.on_quit)
         signal.signal(signal.SIGQUIT, self.on_quit)
         signal.signal(signal.SIGALRM, self.on_alarm)
         for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH, signal.SIGUSR2):
             signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, self.on_usr1)
+        if self.env.log.sink.moved():  # a rotation while we were starting: catch up
+            self.on_usr1(signal.SIGUSR1, None)
         if event_driven:
             return
         self.wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self.on_term)
-        signal.signal(signal.SIGUSR1, self.on_usr1)
 
     def _prepare_poll(self) -> Tuple[select.epoll, Dict[int, Tuple[socket.socket, ServeOne]]]:
         """An epoll set of the listeners (``EPOLLEXCLUSIVE``), the master-alive pipe and
@@ -348,15 +360,17 @@ class Worker:
         return 0
 
     def reopen_now(self) -> None:
-        """Reopen the log file (an event-driven worker's USR1)."""
+        """An event-driven worker's USR1, from its loop: reopen, then log how it went."""
+        self.on_usr1(signal.SIGUSR1, None)
         self._reopen_log()
 
     def _reopen_log(self) -> None:
+        """Log how the USR1 reopen went (the reopen itself happened in :meth:`on_usr1`)."""
         self.reopen_log = False
-        if self.access is not None:
-            self.access.flush()  # into the file it was meant for
-        self.env.log.reopen()
-        self.logger.debug("log.reopened", file=self.env.log.sink.path or "stderr")
+        if self.reopen_error:
+            self.logger.warning("log.reopen_failed", file=self.env.log.sink.path, error=self.reopen_error)
+        else:
+            self.logger.debug("log.reopened", file=self.env.log.sink.path or "stderr")
 
     def _stop_listening(self) -> None:
         """Told to stop with a connection in hand: close our copies of the listening
@@ -386,21 +400,31 @@ class Worker:
             self._stop_listening()
 
     def on_quit(self, signum: int, frame: Optional[FrameType]) -> None:
-        """INT, QUIT: exit now, taking the command program's process group along."""
+        """INT, QUIT: exit now, taking the command program and all it started along."""
         if self.command is not None:
-            self.command.kill_group()
+            self.command.end_processes()
         os._exit(0)
 
     def on_alarm(self, signum: int, frame: Optional[FrameType]) -> None:
         """The graceful timer ran out with a connection in hand: die of SIGALRM, as the
         default action would, but not without the command program."""
         if self.command is not None:
-            self.command.kill_group()
+            self.command.end_processes()
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGALRM)
 
     def on_usr1(self, signum: int, frame: Optional[FrameType]) -> None:
-        """USR1: reopen the log file when next idle."""
+        """USR1: reopen the log file now, busy or not, so that every line from here on
+        goes to the new file. It is opened without ``O_CREAT``: the master has created
+        it already and, with ``supervisor.user`` set, made it ours (a file only root
+        may write would fail here, never crash us: the old file then stays in use).
+        The outcome is logged from the loop, not here: a handler that logs could
+        re-enter structlog's writer while it holds its lock."""
+        try:
+            self.env.log.reopen(create=False)
+            self.reopen_error = ""
+        except OSError as exc:
+            self.reopen_error = exc.strerror or str(exc)
         self.reopen_log = True
 
 
@@ -437,6 +461,7 @@ def _load_prctl() -> Any:
 
 _PRCTL = _load_prctl()
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 try:  # imported here, in the master, so that workers share it instead of loading it
     import setproctitle as _setproctitle
@@ -457,6 +482,13 @@ def set_title(title: str) -> None:
 def _set_pdeathsig(sig: int) -> None:
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def _set_child_subreaper() -> None:
+    """Become a child subreaper (prctl(2) ``PR_SET_CHILD_SUBREAPER``, Linux 3.4): orphaned
+    descendants are re-parented to this process instead of init."""
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def drop_privileges(creds: Credentials) -> None:
