@@ -20,7 +20,7 @@ import logging
 import os
 import time
 import traceback
-from typing import Any, Callable, Dict, List, MutableMapping, Tuple
+from typing import Any, Callable, Dict, List, MutableMapping, Optional, Tuple
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -145,16 +145,19 @@ class _Clock:
 #: PIPE_BUF (pipe(7)), so that one write to a pipe (stderr under systemd) stays atomic and
 #: never interleaves with another process's lines; O_APPEND writes to a file are whole.
 HOT_BUFFER = 4096
+#: Seconds a buffered line may wait at most (nginx's ``access_log ... flush=``).
+HOT_FLUSH = 1.0
 
 
 class HotEvent:
     """One event a hot path logs (:meth:`EventLog.hot_event`): call it with the event's
     fields. With a *buffer* (bytes), rendered lines are kept and written together when
-    the next would not fit, or at :meth:`flush`, which the owner calls when it goes
-    idle, before it exits and before the log file is reopened; lines still buffered
-    when the process is killed are lost."""
+    the next would not fit, or at :meth:`flush`, which the owner calls once
+    :meth:`due` (at most :data:`HOT_FLUSH` seconds after the first line kept), before
+    it exits and before the log file is reopened; lines still buffered when the process
+    is killed are lost."""
 
-    __slots__ = ("_buf", "_emit", "_rendered", "_size", "limit", "sink")
+    __slots__ = ("_buf", "_emit", "_rendered", "_since", "_size", "limit", "sink")
 
     def __init__(self, emit: Any, sink: LogSink, buffer: int, rendered: bool = False) -> None:
         self._emit = emit  # fields -> a rendered line (rendered) or nothing (it logs itself); None: off
@@ -163,6 +166,11 @@ class HotEvent:
         self.limit = buffer
         self._buf: List[str] = []
         self._size = 0
+        self._since = 0.0  # monotonic seconds: when the oldest buffered line was kept
+
+    def due(self) -> Optional[float]:
+        """When the buffered lines must be written (monotonic seconds), ``None`` if none are."""
+        return self._since + HOT_FLUSH if self._buf else None
 
     def __call__(self, **kw: Any) -> None:
         if self._emit is None:
@@ -176,6 +184,8 @@ class HotEvent:
             if len(line) > self.limit:
                 self.sink.write(line)
                 return
+        if not self._buf:
+            self._since = time.monotonic()
         self._buf.append(line)
         self._size += len(line)
 
