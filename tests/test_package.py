@@ -74,8 +74,11 @@ def test_metadata_and_description_stand_on_their_own(dist):
     assert description.lstrip().startswith("# preforkd") and "make run" not in description
     links = re.findall(r"\]\(([^)]+)\)", description)
     assert all(link.startswith(("https://", "#")) for link in links), links  # nothing repository-relative
-    # The sample configuration and the units travel with the code, byte for byte.
-    assert shipped == {"preforkd/_etc/preforkd.toml": (ROOT / "etc/preforkd.toml").read_text(),
+    # The sample configuration, the units, the alert rules and the dashboard travel with
+    # the code, byte for byte.
+    etc = ["preforkd.toml", "prometheus/preforkd-alerts.yml", "prometheus/preforkd-alerts.test.yml",
+           "grafana/preforkd-dashboard.json"]
+    assert shipped == {**{f"preforkd/_etc/{name}": (ROOT / "etc" / name).read_text() for name in etc},
                        "preforkd/_systemd/preforkd.service": (ROOT / "systemd/preforkd.service").read_text(),
                        "preforkd/_systemd/preforkd.socket": (ROOT / "systemd/preforkd.socket").read_text()}
 
