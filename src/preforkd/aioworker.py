@@ -47,6 +47,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple, cast
 
 from .handler import HandlerKind, LineHandler, Reply
+from .log import HOT_FLUSH
 from .protocol import (
     CRLF,
     LINGER_BYTES,
@@ -205,7 +206,7 @@ class EventServer:
         self.gate = worker.proxy_gate() if svc.proxy_protocol else None
         #: [log] access: connections that count what they do and log connection.closed
         self.connection_class = CountingLineConnection if worker.env.access_log else LineConnection
-        #: [log] access: connection.closed, buffered, flushed once per loop turn that logged one
+        #: [log] access: connection.closed, buffered, written within HOT_FLUSH seconds
         self.access = worker.access
         self.flush_pending = False
 
@@ -231,7 +232,7 @@ class EventServer:
             self.cells[STATE] = State.STOPPING
 
     def flush_access(self) -> None:
-        """Write the access log lines of this loop turn (one ``write``)."""
+        """Write the buffered access log lines (one ``write``)."""
         self.flush_pending = False
         if self.access is not None:
             self.access.flush()
@@ -802,7 +803,7 @@ class CountingLineConnection(LineConnection):
                       reason=self.reason or "client_closed")
         if not server.flush_pending:
             server.flush_pending = True
-            server.loop.call_soon(server.flush_access)
+            server.loop.call_later(HOT_FLUSH, server.flush_access)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closing:

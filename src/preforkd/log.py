@@ -22,7 +22,7 @@ import os
 import stat
 import time
 import traceback
-from typing import Any, Callable, Dict, List, MutableMapping, Optional, Tuple
+from typing import Any, Dict, List, MutableMapping, Optional, Tuple
 
 from .files import open_nofollow
 
@@ -149,24 +149,6 @@ def _add_timestamp(_logger: Any, _name: str, event_dict: MutableMapping[str, Any
     return event_dict
 
 
-def _json_value(v: Any) -> str:
-    """*v* as ``json.dumps`` writes it (ASCII-escaped strings, ``float.__repr__``)."""
-    if v is None:
-        return "null"
-    if v is True:
-        return "true"
-    if v is False:
-        return "false"
-    if isinstance(v, str):
-        return _encode_str(v)
-    if isinstance(v, int):
-        return int.__repr__(v)
-    return json.dumps(v)
-
-
-_encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii
-
-
 class _Clock:
     """ISO 8601 UTC timestamps as :func:`_now` writes them (``2026-11-21T18:30:46.123456``,
     the ``Z`` left to the caller), formatting the date and time once per second."""
@@ -190,16 +172,19 @@ class _Clock:
 #: PIPE_BUF (pipe(7)), so that one write to a pipe (stderr under systemd) stays atomic and
 #: never interleaves with another process's lines; O_APPEND writes to a file are whole.
 HOT_BUFFER = 4096
+#: Seconds a buffered line may wait at most (nginx's ``access_log ... flush=``).
+HOT_FLUSH = 1.0
 
 
 class HotEvent:
     """One event a hot path logs (:meth:`EventLog.hot_event`): call it with the event's
     fields. With a *buffer* (bytes), rendered lines are kept and written together when
-    the next would not fit, or at :meth:`flush`, which the owner calls when it goes
-    idle, before it exits and before the log file is reopened; lines still buffered
-    when the process is killed are lost."""
+    the next would not fit, or at :meth:`flush`, which the owner calls once
+    :meth:`due` (at most :data:`HOT_FLUSH` seconds after the first line kept), before
+    it exits and before the log file is reopened; lines still buffered when the process
+    is killed are lost."""
 
-    __slots__ = ("_buf", "_emit", "_rendered", "_size", "limit", "sink")
+    __slots__ = ("_buf", "_emit", "_rendered", "_since", "_size", "limit", "sink")
 
     def __init__(self, emit: Any, sink: LogSink, buffer: int, rendered: bool = False) -> None:
         self._emit = emit  # fields -> a rendered line (rendered) or nothing (it logs itself); None: off
@@ -208,6 +193,11 @@ class HotEvent:
         self.limit = buffer
         self._buf: List[str] = []
         self._size = 0
+        self._since = 0.0  # monotonic seconds: when the oldest buffered line was kept
+
+    def due(self) -> Optional[float]:
+        """When the buffered lines must be written (monotonic seconds), ``None`` if none are."""
+        return self._since + HOT_FLUSH if self._buf else None
 
     def __call__(self, **kw: Any) -> None:
         if self._emit is None:
@@ -221,6 +211,8 @@ class HotEvent:
             if len(line) > self.limit:
                 self.sink.write(line)
                 return
+        if not self._buf:
+            self._since = time.monotonic()
         self._buf.append(line)
         self._size += len(line)
 
@@ -323,9 +315,10 @@ class EventLog:
 
         In JSON it renders the line itself, as this log's structlog chain would (the
         bound context, *initial* and the fields, then ``event``, ``level``, ``timestamp``
-        and ``pid``, with ``json.dumps``'s formatting, as structlog's ``JSONRenderer``)
-        without the chain's per-call cost, and keeps up to *buffer* bytes of lines before
-        writing them in one ``write`` (nginx's ``access_log ... buffer=``); in console
+        and ``pid``, encoded with ``json.dumps``'s defaults, as structlog's
+        ``JSONRenderer``), encoding only the fields per call, without the chain's cost,
+        and keeps up to *buffer* bytes of lines before writing them in one ``write``
+        (nginx's ``access_log ... buffer=``); in console
         format it goes through structlog, unbuffered. Make it after :meth:`after_fork`
         (the context and pid are taken now); below the level, it does nothing."""
         if LEVELS["info"] < self.level:
@@ -337,11 +330,11 @@ class EventLog:
         head = json.dumps(fixed)[:-1] + ", " if fixed else "{"
         tail = f'"event": {json.dumps(event)}, "level": "info", "timestamp": "'
         pid_tail = f'Z", "pid": {os.getpid()}}}\n'
-        value, clock = _json_value, _Clock()
+        encode, clock = json.JSONEncoder().encode, _Clock()  # json.dumps's defaults, set up once
 
         def render(**kw: Any) -> str:
-            fields = "".join(f'"{k}": {value(v)}, ' for k, v in kw.items())  # names are identifiers
-            return f"{head}{fields}{tail}{clock.now()}{pid_tail}"
+            fields = encode(kw)[1:-1]
+            return f"{head}{fields}{', ' if fields else ''}{tail}{clock.now()}{pid_tail}"
 
         return HotEvent(render, self.sink, buffer, rendered=True)
 

@@ -302,9 +302,16 @@ class Worker:
         while not self.stop_requested():
             if self.reopen_log:
                 self._reopen_log()
-            if access is not None:
-                access.flush()  # going idle: the access log's lines go out now
-            events = poll(beat)
+            wait = beat
+            if access is not None:  # the access log's lines go out within HOT_FLUSH seconds
+                due = access.due()
+                if due is not None:
+                    left = due - time.monotonic()
+                    if left <= 0:
+                        access.flush()
+                    else:
+                        wait = min(wait, left) if wait >= 0 else left
+            events = poll(wait)
             if watched:
                 cells[HEARTBEAT] = time.monotonic_ns()
             for fd, _mask in events:
