@@ -25,8 +25,9 @@ until HAProxy closes.
 
 from __future__ import annotations
 
+import json
 import selectors
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from .endpoints import Endpoint
 from .listeners import Listener
@@ -80,3 +81,35 @@ def endpoint(listener: Listener, selector: selectors.BaseSelector, answer: Calla
 
     return Endpoint("agent_check", listener, selector, respond, logger, terminators=(),
                     timeout=AGENT_TIMEOUT, max_clients=AGENT_CLIENTS)
+
+
+class Drain:
+    """Whether this host is out of the load balancer's rotation, and why: drained by the
+    operator (``preforkd drain``; crosses reloads in the hand-over), or in the
+    ``drain_delay`` that a TERM begins with (then ``stop_at`` is when the graceful stop
+    begins, monotonic seconds).
+
+    :param drained: the operator's drain, as the previous image handed it over.
+    """
+
+    def __init__(self, drained: bool, logger: Logger) -> None:
+        self.drained = drained
+        self.stop_at: Optional[float] = None
+        self.logger = logger
+
+    @property
+    def draining(self) -> bool:
+        """Out of rotation: the agent says ``drain``."""
+        return self.drained or self.stop_at is not None
+
+    def command(self, drain: bool) -> str:
+        """The control commands ``drain`` / ``undrain``: returns the reply line (JSON)."""
+        if drain != self.drained:
+            self.drained = drain
+            self.logger.info("supervisor.draining" if drain else "supervisor.undrained", reason="control")
+        return json.dumps({"draining": self.draining})
+
+    def before_stop(self, delay: float, now: float) -> None:
+        """TERM with ``drain_delay``: drain for *delay* seconds, then stop (*now*: monotonic)."""
+        self.stop_at = now + delay
+        self.logger.info("supervisor.draining", reason="SIGTERM", drain_delay=delay)

@@ -43,7 +43,7 @@ import errno
 import selectors
 import socket
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .listeners import Listener
 from .log import Logger
@@ -306,3 +306,42 @@ class Endpoint:
         sock.close()
         if not self.accepting and self.resume_at is None and len(self.clients) < self.max_clients:
             self._accept(True)
+
+
+class EndpointSet:
+    """The endpoints one master answers itself (``[metrics]``, the agent-check), as one:
+    their timers, and closing them all or all but the agent (which says ``down``
+    until the master exits)."""
+
+    def __init__(self) -> None:
+        self.all: List[Endpoint] = []
+        self.agent: Optional[Endpoint] = None
+
+    def add(self, endpoint: Endpoint, agent: bool = False) -> None:
+        """Start answering on *endpoint*."""
+        endpoint.start()
+        self.all.append(endpoint)
+        if agent:
+            self.agent = endpoint
+
+    def tick(self, now: float) -> None:
+        """Their timed steps (*now*: monotonic seconds)."""
+        for endpoint in self.all:
+            endpoint.tick(now)
+
+    def deadlines(self) -> List[float]:
+        """When they next have timed work (monotonic seconds)."""
+        return [t for t in (endpoint.deadline() for endpoint in self.all) if t is not None]
+
+    def close_clients(self) -> None:
+        """Drop their clients (a re-exec: client sockets are not handed over)."""
+        for endpoint in self.all:
+            endpoint.close_clients()
+
+    def close(self, keep_agent: bool = False) -> None:
+        """Stop answering (but on the agent's, with *keep_agent*)."""
+        keep = self.agent if keep_agent else None
+        for endpoint in self.all:
+            if endpoint is not keep:
+                endpoint.close()
+        self.all = [keep] if keep is not None else []

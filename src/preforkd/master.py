@@ -22,21 +22,20 @@ from __future__ import annotations
 
 import collections
 import enum
-import json
 import os
 import selectors
 import signal
 import sys
 import time
 from types import FrameType
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, Optional
 
 from . import agent, reexec, status
 from .config import Config, credentials
 from .control import ControlServer
 from .counters import Counters
 from .daemon import Launcher
-from .endpoints import Endpoint
+from .endpoints import EndpointSet
 from .handler import Handler
 from .health import Watchdog
 from .limits import raise_nofile_limit
@@ -98,15 +97,16 @@ class Master:
         self.counters = Counters(handover.counters if handover else ())
         self.reloader = Reloader(config_arg, self.selector, self.logger, self.notifier, self.commit_reload,
                                  handover, self.counters)
-        self.control = ControlServer(self.selector, self.status, {"drain": self.drain, "undrain": self.undrain},
+        self.drain = agent.Drain(handover.drained if handover else False, self.logger)
+        self.control = ControlServer(self.selector, self.status, {"drain": lambda: self.drain.command(True),
+                                                                   "undrain": lambda: self.drain.command(False)},
                                      self.logger)
-        self.agent: Optional[Endpoint] = None  # the agent-check endpoint, when configured (also in endpoints)
         self.pools: Dict[str, Pool] = {}
         self.listeners: Dict[str, Listener] = {}  # listener key -> listener
         self.pidfile: Optional[Pidfile] = None
         self.scoreboard = Scoreboard(handover.scoreboard_fd if handover else None)
         self.workers = Workers(self.scoreboard, self.logger, config.supervisor.graceful_timeout, self.counters)
-        self.endpoints: List[Endpoint] = []  # listeners the master answers itself ([metrics])
+        self.endpoints = EndpointSet()  # listeners the master answers itself ([metrics], agent-check)
         self.renderer: Optional[Renderer] = None
         self.watchdog = Watchdog(self.workers, self.scoreboard, self.logger)
         self.wake_r = -1
@@ -116,10 +116,6 @@ class Master:
         #: Told "serving echo on tcp://... (4 workers)" once at first readiness (the CLI
         #: sets it when a person watches the terminal).
         self.announce: Optional[Callable[[str], None]] = None
-        #: Out of rotation by the operator (``preforkd drain``); crosses reloads.
-        self.drained = handover.drained if handover else False
-        #: TERM with ``drain_delay``: when the graceful stop begins (monotonic seconds).
-        self.stop_at: Optional[float] = None
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -192,11 +188,10 @@ class Master:
         self.workers.kill_overdue(now)
         self.watchdog.check(self.pools, now)
         self.control.expire(now)
-        for endpoint in self.endpoints:
-            endpoint.tick(now)
+        self.endpoints.tick(now)
         self._feed_watchdog(now)
         self.reloader.poll(now)
-        if self.stop_at is not None and now >= self.stop_at and self.phase is not Phase.STOPPING:
+        if self.drain.stop_at is not None and now >= self.drain.stop_at and self.phase is not Phase.STOPPING:
             self.begin_stop(graceful=True, signame="SIGTERM")
         if self.phase is Phase.STOPPING:
             if not self.workers:
@@ -210,7 +205,7 @@ class Master:
             self._become_ready()
         elif self.phase is Phase.RELOADING or self.workers.old:
             self._retire_replaced(now)
-        if self.phase is Phase.RUNNING and self.stop_at is None:
+        if self.phase is Phase.RUNNING and self.drain.stop_at is None:
             self.reloader.start_if_pending()
             if self.renderer is not None and not self.renderer.ready:
                 self.renderer.prepare()  # prometheus-client's import, once serving (not in a reload's way)
@@ -232,10 +227,9 @@ class Master:
         which everything goes on serving and accepting but the agent says ``drain`` (a
         second TERM cuts it short)."""
         delay = self.config.supervisor.drain_delay
-        if delay > 0 and self.stop_at is None and self.phase in (Phase.RUNNING, Phase.RELOADING):
-            self.stop_at = time.monotonic() + delay
+        if delay > 0 and self.drain.stop_at is None and self.phase in (Phase.RUNNING, Phase.RELOADING):
+            self.drain.before_stop(delay, time.monotonic())
             self.reloader.abort()  # no re-exec while draining: the new image would not know
-            self.logger.info("supervisor.draining", reason="SIGTERM", drain_delay=delay)
             self.notifier.status(f"draining for {delay:g} s, then stopping")
             return
         self.begin_stop(graceful=True, signame="SIGTERM")
@@ -279,33 +273,11 @@ class Master:
             for pool in self.pools.values():
                 pool.resize(delta, self.logger)
 
-    # -- draining (docs/scale-out.md) ---------------------------------------------------
-
-    def drain(self) -> str:
-        """Control command ``drain``: out of rotation (the agent says ``drain``), still
-        serving. Returns the reply line (JSON)."""
-        if not self.drained:
-            self.drained = True
-            self.logger.info("supervisor.draining", reason="control")
-        return json.dumps({"draining": True})
-
-    def undrain(self) -> str:
-        """Control command ``undrain``: back in rotation, unless a TERM's drain is under way."""
-        if self.drained:
-            self.drained = False
-            self.logger.info("supervisor.undrained", reason="control")
-        return json.dumps({"draining": self.draining})
-
     def agent_reply(self) -> str:
         """The agent-check's line now (:mod:`preforkd.agent`): ``down`` once stopping,
         ``drain`` while draining, else ``up ready N%`` with N the spare capacity."""
-        return agent.reply(self.phase is Phase.STOPPING, self.draining,
+        return agent.reply(self.phase is Phase.STOPPING, self.drain.draining,
                            agent.spare_percent(self.pools.values(), self.scoreboard))
-
-    @property
-    def draining(self) -> bool:
-        """Out of rotation: drained by the operator, or in a TERM's ``drain_delay``."""
-        return self.drained or self.stop_at is not None
 
     # -- children ----------------------------------------------------------------------
 
@@ -388,8 +360,7 @@ class Master:
         except ListenerError as exc:
             return str(exc)
         self.control.close_clients()
-        for endpoint in self.endpoints:
-            endpoint.close_clients()  # their sockets are not handed over
+        self.endpoints.close_clients()
         listeners = list(self.listeners.values()) + prebound
         for lst in listeners:
             lst.sock.setblocking(False)
@@ -403,7 +374,7 @@ class Master:
             pidfile_fd=self.pidfile.fd if self.pidfile else None,
             pidfile_path=self.pidfile.path if self.pidfile else "",
             control_fd=self.control.fileno(), control_path=self.control.path,
-            control_file_id=self.control.file_id, counters=self.counters.handover(), drained=self.drained)
+            control_file_id=self.control.file_id, counters=self.counters.handover(), drained=self.drain.drained)
         self.logger.info("config.reexec", generation=self.generation + 1, reload_seq=self.reloader.seq)
         error = reexec.reexec(handover, self.config_arg, text)
         for lst in prebound:
@@ -425,9 +396,10 @@ class Master:
         self.reloader.abort()
         for w in self.workers.all():
             self.workers.stop(w, graceful=graceful, reason=signame)
-        self._close_endpoints(keep=self.agent)  # the agent says "down" until the master exits
+        self.endpoints.close(keep_agent=True)  # the agent says "down" until the master exits
+        agent_listener = self.endpoints.agent.listener if self.endpoints.agent else None
         for lst in self.listeners.values():  # no new clients: close our copies, remove socket files
-            if self.agent is None or lst is not self.agent.listener:
+            if lst is not agent_listener:
                 lst.close()
         self._report("ERROR stopped before it was ready")
 
@@ -439,7 +411,7 @@ class Master:
 
     def _cleanup(self) -> None:
         """Close listeners (unlinking our Unix socket files), the control socket, the pidfile."""
-        self._close_endpoints()
+        self.endpoints.close()
         for lst in self.listeners.values():
             try:
                 lst.close()
@@ -478,8 +450,8 @@ class Master:
             if pool.failures:
                 deadlines.append(now + 0.25)
         deadlines += self.workers.deadlines()
-        deadlines += [t for t in (ep.deadline() for ep in self.endpoints) if t is not None]
-        stop_at = self.stop_at if self.phase is not Phase.STOPPING else None  # once due, it is done
+        deadlines += self.endpoints.deadlines()
+        stop_at = self.drain.stop_at if self.phase is not Phase.STOPPING else None  # once due, it is done
         deadlines += [t for t in (self.next_watchdog, self.reloader.deadline(), self.watchdog.deadline(), stop_at,
                                   self.control.deadline())
                       if t is not None]
@@ -487,10 +459,10 @@ class Master:
 
     def status(self) -> Dict[str, Any]:
         """The status document served on the control socket (:mod:`preforkd.status`)."""
-        draining_to_stop = self.stop_at is not None and self.phase is not Phase.STOPPING
-        endpoint = self.agent.listener if self.agent is not None else None
+        draining_to_stop = self.drain.stop_at is not None and self.phase is not Phase.STOPPING
+        endpoint = self.endpoints.agent.listener if self.endpoints.agent is not None else None
         return status.document(
-            pid=self.pid, state="draining" if draining_to_stop else self.phase.value, draining=self.draining,
+            pid=self.pid, state="draining" if draining_to_stop else self.phase.value, draining=self.drain.draining,
             generation=self.generation, started_wall=self.started_wall,
             config=self.config.source, pidfile=self.pidfile.path if self.pidfile else "",
             reload=self.reloader.document(), pools=self.pools, old_workers=self.workers.old.values(),
@@ -506,20 +478,9 @@ class Master:
         for spec in listener_specs(self.config):
             if spec.role == "metrics":
                 self.renderer = Renderer(self)
-                endpoint = metrics_endpoint(self.listeners[spec.key], self.selector, self.logger, self.renderer)
+                self.endpoints.add(metrics_endpoint(self.listeners[spec.key], self.selector, self.logger,
+                                                    self.renderer))
             elif spec.role == "agent_check":
-                endpoint = self.agent = agent.endpoint(self.listeners[spec.key], self.selector, self.agent_reply,
-                                                       self.logger)
-            else:
-                continue
-            endpoint.start()
-            self.endpoints.append(endpoint)
-
-    def _close_endpoints(self, keep: Optional[Endpoint] = None) -> None:
-        """Stop answering on the endpoints but *keep* (their listeners are closed with the
-        others)."""
-        for endpoint in self.endpoints:
-            if endpoint is not keep:
-                endpoint.close()
-        self.endpoints = [keep] if keep is not None else []
+                self.endpoints.add(agent.endpoint(self.listeners[spec.key], self.selector, self.agent_reply,
+                                                  self.logger), agent=True)
 
