@@ -11,11 +11,13 @@ Everything is non-blocking and driven by the master's selector, so a slow or
 silent client never stalls the master loop; a client gets
 :data:`CLIENT_TIMEOUT` seconds to send its line and read the reply.
 
-Many clients at once: the socket listens with a backlog of :data:`BACKLOG` and the
-master accepts until the queue is empty (at most :data:`ACCEPT_BATCH` per wake-up, so
-that the loop's other work goes on). Out of descriptors (``EMFILE``, ``ENFILE``) the
-master stops watching the socket for :data:`ACCEPT_PAUSE` seconds instead of waking
-again at once for a connection it cannot take (a busy loop): the clients wait in the
+The serving is an :class:`~preforkd.endpoints.Endpoint`, like the master's other
+endpoints. Many clients at once: the socket listens with a backlog of :data:`BACKLOG`
+and the master accepts until the queue is empty (at most :data:`ACCEPT_BATCH` per
+wake-up, so that the loop's other work goes on; :data:`MAX_CLIENTS` held at once).
+Out of descriptors (``EMFILE``, ``ENFILE``) the master stops watching the socket for
+:data:`ACCEPT_PAUSE` seconds instead of waking again at once for a connection it
+cannot take (a busy loop): the clients wait in the
 queue and are served once descriptors are free again (``control.accept_paused``, once
 per episode). A client finding the queue full (``EAGAIN`` on ``connect``) retries
 until its timeout (:func:`query`).
@@ -32,8 +34,9 @@ import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .addresses import Address
+from .endpoints import Endpoint
 from .files import UnsafePathError, ensure_runtime_dir
-from .listeners import ListenerError, bind_unix, unlink_if_ours
+from .listeners import Listener, ListenerError, bind_unix, unlink_if_ours
 from .log import Logger
 
 #: Seconds a control client has to send its line and read the reply.
@@ -43,42 +46,31 @@ MAX_REQUEST = 1024
 BACKLOG = 512
 #: Connections accepted in one wake-up at most.
 ACCEPT_BATCH = 256
+#: Clients held at once (each a descriptor); more wait in the accept queue.
+MAX_CLIENTS = 256
 #: Seconds the master stops accepting after running out of descriptors.
 ACCEPT_PAUSE = 0.25
-_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-class _Client:
-    __slots__ = ("deadline", "inbuf", "outbuf", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.inbuf = b""
-        self.outbuf = b""
-        self.deadline = time.monotonic() + CLIENT_TIMEOUT  # monotonic seconds
 
 
 class ControlServer:
-    """Serves the control protocol from inside the master loop.
+    """Serves the control protocol from inside the master loop: the socket file's life
+    (bind, adopt across a reload, remove) is here; the serving is an
+    :class:`~preforkd.endpoints.Endpoint`, like the master's other endpoints.
 
     :param status: a callable returning the status document (a JSON-able dict).
     :param commands: more commands: name -> a callable returning the reply line.
-    :param logger: where ``control.accept_paused`` goes (``None``: nowhere).
+    :param logger: where ``control.accept_paused`` goes.
     """
 
     def __init__(self, selector: selectors.BaseSelector, status: Callable[[], Dict[str, Any]],
-                 commands: Optional[Dict[str, Callable[[], str]]] = None, logger: Optional[Logger] = None) -> None:
+                 commands: Optional[Dict[str, Callable[[], str]]], logger: Logger) -> None:
         self.selector = selector
         self.status = status
         self.commands = commands or {}
         self.logger = logger
-        self.sock: Optional[socket.socket] = None
+        self.endpoint: Optional[Endpoint] = None
         self.path = ""
         self.file_id: Optional[Tuple[int, int]] = None
-        self.clients: Dict[int, _Client] = {}
-        #: While out of descriptors: when to watch the socket again (monotonic seconds).
-        self.paused_until: Optional[float] = None
-        self._pause_logged = False
 
     def bind(self, path: str) -> None:
         """Create the socket file at *path* (mode 0600, parents created).
@@ -110,64 +102,27 @@ class ControlServer:
             self.adopt(inherited_fd, path, inherited_file_id)
             return
         if inherited_fd is not None:
-            old = ControlServer(selectors.DefaultSelector(), self.status)
+            old = ControlServer(selectors.DefaultSelector(), self.status, None, self.logger)
             old.adopt(inherited_fd, inherited_path, inherited_file_id)
             old.close(unlink=True)
         if path:
             self.bind(path)
 
     def _use(self, sock: socket.socket, path: str, file_id: Optional[Tuple[int, int]]) -> None:
-        sock.setblocking(False)
-        self.sock, self.path, self.file_id = sock, path, file_id
-        self.selector.register(sock, selectors.EVENT_READ, self._on_accept)
+        self.path, self.file_id = path, file_id
+        listener = Listener(address=Address(kind="unix", path=path), sock=sock, bound=f"unix:{path}",
+                            file_id=file_id, role="control")
+        self.endpoint = Endpoint("control", listener, self.selector, self._respond, self.logger,
+                                 terminators=(b"\n",), max_request=MAX_REQUEST, timeout=CLIENT_TIMEOUT,
+                                 max_clients=MAX_CLIENTS, accept_batch=ACCEPT_BATCH, accept_backoff=ACCEPT_PAUSE,
+                                 failed_event="control.accept_paused")
+        self.endpoint.start()
 
     def fileno(self) -> Optional[int]:
-        return self.sock.fileno() if self.sock else None
+        return self.endpoint.listener.sock.fileno() if self.endpoint else None
 
-    def _on_accept(self, _mask: int) -> None:
-        """Accept what is queued (see the module's notes on many clients)."""
-        assert self.sock is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno == errno.ECONNABORTED:
-                    continue
-                if exc.errno in _OUT_OF_FDS:
-                    self._pause(exc)
-                    return
-                raise
-            self._pause_logged = False
-            conn.setblocking(False)
-            client = _Client(conn)
-            self.clients[conn.fileno()] = client
-            self.selector.register(conn, selectors.EVENT_READ, lambda mask, c=client: self._on_client(c, mask))
-
-    def _on_client(self, client: _Client, mask: int) -> None:
-        try:
-            if mask & selectors.EVENT_READ and not client.outbuf:
-                data = client.sock.recv(4096)
-                if not data:
-                    return self._drop(client)
-                client.inbuf += data
-                if b"\n" in client.inbuf:
-                    line = client.inbuf.split(b"\n", 1)[0].strip().decode("utf-8", "replace")
-                    client.outbuf = (self._answer(line) + "\n").encode("utf-8")
-                    self.selector.modify(client.sock, selectors.EVENT_WRITE,
-                                         lambda m, c=client: self._on_client(c, m))
-                elif len(client.inbuf) > MAX_REQUEST:
-                    return self._drop(client)
-            if mask & selectors.EVENT_WRITE and client.outbuf:
-                sent = client.sock.send(client.outbuf)
-                client.outbuf = client.outbuf[sent:]
-                if not client.outbuf:
-                    self._drop(client)
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self._drop(client)
+    def _respond(self, request: bytes) -> bytes:
+        return (self._answer(request.split(b"\n", 1)[0].strip().decode("utf-8", "replace")) + "\n").encode()
 
     def _answer(self, line: str) -> str:
         cmd = line.split()[0].lower() if line.split() else ""
@@ -179,56 +134,27 @@ class ControlServer:
             return self.commands[cmd]()
         return json.dumps({"error": f"unknown command {line[:40]!r}; try status or ping"})
 
-    def _drop(self, client: _Client) -> None:
-        self.clients.pop(client.sock.fileno(), None)
-        try:
-            self.selector.unregister(client.sock)
-        except (KeyError, ValueError):
-            pass
-        client.sock.close()
-
-    def _pause(self, exc: OSError) -> None:
-        """Out of descriptors: stop watching the socket for :data:`ACCEPT_PAUSE` seconds."""
-        assert self.sock is not None
-        try:
-            self.selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
-        self.paused_until = time.monotonic() + ACCEPT_PAUSE
-        if not self._pause_logged and self.logger is not None:
-            self._pause_logged = True
-            self.logger.warning("control.accept_paused", error=exc.strerror, clients=len(self.clients),
-                                pause=ACCEPT_PAUSE)
-
     def deadline(self) -> Optional[float]:
-        """When :meth:`expire` must run to watch the socket again (monotonic seconds), if paused."""
-        return self.paused_until
+        """When :meth:`expire` next has work (monotonic seconds), if ever."""
+        return self.endpoint.deadline() if self.endpoint else None
 
     def expire(self, now: float) -> None:
-        """Drop clients that overran :data:`CLIENT_TIMEOUT`, and watch the socket again
-        after a pause (*now*: monotonic seconds)."""
-        for client in [c for c in self.clients.values() if c.deadline <= now]:
-            self._drop(client)
-        if self.paused_until is not None and now >= self.paused_until:
-            self.paused_until = None
-            if self.sock is not None:
-                self.selector.register(self.sock, selectors.EVENT_READ, self._on_accept)
+        """Drop clients that overran :data:`CLIENT_TIMEOUT`, and accept again after a pause
+        for want of descriptors (*now*: monotonic seconds)."""
+        if self.endpoint is not None:
+            self.endpoint.tick(now)
 
     def close_clients(self) -> None:
-        for client in list(self.clients.values()):
-            self._drop(client)
+        """Drop every client (before a re-exec: their sockets are not handed over)."""
+        if self.endpoint is not None:
+            self.endpoint.close_clients()
 
     def close(self, unlink: bool = True) -> None:
         """Stop serving; remove the socket file if it is still ours."""
-        self.close_clients()
-        if self.sock is not None:
-            try:
-                self.selector.unregister(self.sock)
-            except (KeyError, ValueError):
-                pass
-            self.sock.close()
-            self.sock = None
-        self.paused_until = None
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint.listener.sock.close()
+            self.endpoint = None
         if unlink and self.file_id:
             unlink_if_ours(self.path, self.file_id)
 

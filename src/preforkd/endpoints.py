@@ -93,12 +93,17 @@ class Endpoint:
     :param max_clients: clients held at once.
     :param overflow_reply, error_reply: sent on an oversized request or a failing
         *respond* (``b""``: just close).
+    :param accept_batch: connections accepted per readiness event at most.
+    :param accept_backoff: seconds the listener rests after ``accept`` failed for want of
+        descriptors or memory.
+    :param failed_event: the event logged, once per such episode.
     """
 
     def __init__(self, role: str, listener: Listener, selector: selectors.BaseSelector, respond: Respond,
                  logger: Logger, *, terminators: Tuple[bytes, ...] = (b"\n",), max_request: int = 8192,
                  timeout: float = 10.0, max_clients: int = 16, overflow_reply: bytes = b"",
-                 error_reply: bytes = b"") -> None:
+                 error_reply: bytes = b"", accept_batch: int = ACCEPT_BATCH, accept_backoff: float = ACCEPT_BACKOFF,
+                 failed_event: str = "endpoint.accept_failed") -> None:
         if max_clients < 1 or max_request < 1 or timeout <= 0:
             raise ValueError("max_clients and max_request must be >= 1 and timeout > 0")
         self.role = role
@@ -112,6 +117,10 @@ class Endpoint:
         self.max_clients = max_clients
         self.overflow_reply = overflow_reply
         self.error_reply = error_reply
+        self.accept_batch = accept_batch
+        self.accept_backoff = accept_backoff
+        self.failed_event = failed_event
+        self._failing = False  # in an episode of failed accepts (logged once)
         self.clients: Dict[int, _Client] = {}  # fd -> client
         self.accepting = False
         self.resume_at: Optional[float] = None  # monotonic seconds: accept again after a resource error
@@ -172,7 +181,7 @@ class Endpoint:
 
     def _on_acceptable(self, _mask: int) -> None:
         now = time.monotonic()
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self.accept_batch):
             if len(self.clients) >= self.max_clients:
                 victim = self._oldest_reader()
                 if victim is None:  # everyone is being answered: let the kernel queue the rest
@@ -194,18 +203,19 @@ class Endpoint:
                 except OSError as exc:
                     self._accept_failed(exc, now)
                     return
+            self._failing = False
             self._serve(conn, now)
 
     def _accept_failed(self, exc: OSError, now: float) -> None:
         if exc.errno == errno.ECONNABORTED:
             return  # the client gave up while queued; the next readiness event comes anyway
         self._accept(False)
-        self.resume_at = now + ACCEPT_BACKOFF
-        if exc.errno in _RESOURCE_ERRORS:
-            self.logger.error("endpoint.accept_failed", role=self.role, error=exc.strerror,
-                              retry_in=ACCEPT_BACKOFF)
-        else:
-            self.logger.error("endpoint.accept_failed", role=self.role, error=str(exc), retry_in=ACCEPT_BACKOFF)
+        self.resume_at = now + self.accept_backoff
+        if not self._failing:  # once per episode: it may last, and the log must not flood
+            self._failing = True
+            self.logger.error(self.failed_event, role=self.role,
+                              error=exc.strerror if exc.errno in _RESOURCE_ERRORS else str(exc),
+                              retry_in=self.accept_backoff, clients=len(self.clients))
 
     def _serve(self, conn: socket.socket, now: float) -> None:
         conn.setblocking(False)
