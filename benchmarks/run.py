@@ -1623,7 +1623,7 @@ def _capacity_panels(axes, names: list[str], labels: dict, colors: list[str], ca
                         textcoords="offset points")
     ax.axhline(16, color="black", lw=0.8, ls="--")
     ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([r.get("label", n) for n, r in rows], fontsize=7)
+    ax.set_xticklabels([r.get("label", n).replace(" (", "\n(") for n, r in rows], fontsize=7)
     ax.set_title("W7 KiB per idle connection, 10,000 held (left: USS growth, right: RSS growth; "
                  "dashed: 16 KiB target)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
