@@ -31,6 +31,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 
@@ -93,6 +94,17 @@ class Reaper:
 
 
 REAPER = Reaper()
+
+
+def raise_nofile_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit, for the harness and every peer it starts
+    (W7 holds 10,000 connections; nginx's worker_rlimit_nofile, preforkd does the same)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def free_port() -> int:
@@ -304,6 +316,7 @@ class NetServerPeer(Peer):
 
 class RedisPeer(Peer):
     name, label = "redis", "redis-server"
+    extra_args: ClassVar[list[str]] = []
 
     def version(self) -> str:
         exe = shutil.which("redis-server")
@@ -322,7 +335,7 @@ class RedisPeer(Peer):
         # short connections over 127.0.0.x source addresses, which protected mode refuses.
         self._spawn([exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                      "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no",
-                     "--logfile", "", "--tcp-backlog", "1024"], False)
+                     "--logfile", "", "--tcp-backlog", "1024", *self.extra_args], False)
         self.command = self.command.replace(f"--port {self.port}", "--port PORT")
         self.wait_ready()
 
@@ -331,7 +344,7 @@ PREFORKD_CONFIG = """\
 [supervisor]
 pidfile = "run/preforkd.pid"
 control_socket = "run/preforkd.sock"
-python_path = [{bench}]
+python_path = [{bench}]{supervisor_extra}
 [log]
 format = "json"
 level = "info"
@@ -340,16 +353,27 @@ level = "info"
 name = "pingpong"
 listen = ["tcp://127.0.0.1:{port}"]
 handler = "pingpong:handle"
-workers = {workers}
+workers = {workers}{service_extra}
 """
 
 
-def write_preforkd_config(d: Path, workers: int = 4, port: int = 0, logfile: str = "") -> Path:
+def _toml_keys(keys: dict | None) -> str:
+    """Extra `key = value` lines (ints, floats, strings) for PREFORKD_CONFIG."""
+    return "".join(f"\n{k} = {json.dumps(v)}" for k, v in (keys or {}).items())
+
+
+def preforkd_config_text(bench: str, workers: int = 4, port: int = 0, logfile: str = "",
+                         service: dict | None = None, supervisor: dict | None = None) -> str:
+    return PREFORKD_CONFIG.format(bench=bench, port=port, workers=workers,
+                                  logfile=f"file = {json.dumps(logfile)}" if logfile else "",
+                                  supervisor_extra=_toml_keys(supervisor), service_extra=_toml_keys(service))
+
+
+def write_preforkd_config(d: Path, workers: int = 4, port: int = 0, logfile: str = "",
+                          service: dict | None = None, supervisor: dict | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / "preforkd.toml"
-    cfg.write_text(PREFORKD_CONFIG.format(
-        bench=json.dumps(str(BENCH)), port=port, workers=workers,
-        logfile=f"file = {json.dumps(logfile)}" if logfile else ""))
+    cfg.write_text(preforkd_config_text(json.dumps(str(BENCH)), workers, port, logfile, service, supervisor))
     return cfg
 
 
@@ -358,10 +382,15 @@ class PreforkdPeer(Peer):
     thread that stamps every line with the time it arrived."""
 
     name, label = "preforkd", "preforkd"
+    #: extra keys of the [[service]] and [supervisor] tables (the capacity variants below)
+    service_keys: ClassVar[dict] = {}
+    supervisor_keys: ClassVar[dict] = {}
 
-    def __init__(self, workdir: Path, workers: int = 4) -> None:
-        super().__init__(workdir / f"preforkd-{workers}")
+    def __init__(self, workdir: Path, workers: int = 4, service_keys: dict | None = None) -> None:
+        super().__init__(workdir / f"{self.name}-{workers}")
         self.workers = workers
+        if service_keys is not None:
+            self.service_keys = {**self.service_keys, **service_keys}
         self.events: queue.Queue = queue.Queue()
         self.config: Path | None = None
         self._reader: threading.Thread | None = None
@@ -385,7 +414,8 @@ class PreforkdPeer(Peer):
     def start(self) -> None:
         if not PREFORKD.exists():
             raise PeerFailed(f"{PREFORKD.relative_to(ROOT)} not found (make venv)")
-        self.config = write_preforkd_config(self.workdir, self.workers)
+        self.config = write_preforkd_config(self.workdir, self.workers, service=self.service_keys,
+                                            supervisor=self.supervisor_keys)
         argv = [str(PREFORKD), "run", "-c", str(self.config)]
         self.command = " ".join(argv)
         try:
@@ -469,6 +499,21 @@ class PreforkdPeer(Peer):
             self._log.close()
             self._log = None
 
+    def control(self, command: str = "status", timeout: float = 5.0) -> dict:
+        """One command on the control socket (cheaper than `preforkd status`)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.workdir / "run" / "preforkd.sock"))
+            s.sendall(command.encode() + b"\n")
+            buf = b""
+            while chunk := s.recv(65536):
+                buf += chunk
+        return json.loads(buf)
+
+    def pool(self) -> dict:
+        """The first service's pool counts: busy, idle, starting, current, connections ..."""
+        return self.control()["services"][0]["pool"]
+
     def worker_pids(self) -> list[int]:
         out = subprocess.run([str(PREFORKD), "status", "--json", "-c", str(self.config)],
                              capture_output=True, text=True, timeout=20)
@@ -513,7 +558,51 @@ class PreforkdAccessPeer(PreforkdPeer):
         self.wait_ready()
 
 
-PEER_CLASSES = [PreforkdPeer, PreforkdAccessPeer, NaivePeer, ForkingPeer, AsyncioPeer, NetServerPeer, RedisPeer]
+class PreforkdDynamicPeer(PreforkdPeer):
+    """A dynamic pool: 4 workers at start, up to 64 (issue 8)."""
+
+    name, label = "preforkd-dynamic", "preforkd dynamic (4–64 workers)"
+    service_keys: ClassVar[dict] = {"max_workers": 64}
+
+    def version(self) -> str:
+        return "the preforkd above, " + ", ".join(f"`{k} = {v}`" for k, v in self.service_keys.items())
+
+
+class PreforkdEventPeer(PreforkdPeer):
+    """Event-driven workers on asyncio's own loop: 4 workers of 1,000 connections each (issue 8)."""
+
+    name, label = "preforkd-event", "preforkd event (asyncio, 4 × 1,000)"
+    service_keys: ClassVar[dict] = {"worker_connections": 1000}
+    supervisor_keys: ClassVar[dict] = {"event_loop": "asyncio"}
+
+    def version(self) -> str:
+        return f"the preforkd above, `worker_connections = 1000`, asyncio of Python {platform.python_version()}"
+
+
+class PreforkdUvloopPeer(PreforkdEventPeer):
+    """The same on uvloop."""
+
+    name, label = "preforkd-uvloop", "preforkd event (uvloop, 4 × 1,000)"
+    supervisor_keys: ClassVar[dict] = {"event_loop": "uvloop"}
+
+    def version(self) -> str:
+        try:
+            out = subprocess.run([str(PY), "-c", "import uvloop; print(uvloop.__version__)"],
+                                 capture_output=True, text=True, timeout=20)
+            v = out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            v = ""
+        return (f"the preforkd above, `worker_connections = 1000`, uvloop {v}" if v
+                else "uvloop not installed (run benchmarks/setup.sh)")
+
+
+PREFORKD_VARIANTS = [PreforkdDynamicPeer, PreforkdEventPeer, PreforkdUvloopPeer]
+PEER_CLASSES = [PreforkdPeer, *PREFORKD_VARIANTS, PreforkdAccessPeer, NaivePeer, ForkingPeer, AsyncioPeer,
+                NetServerPeer, RedisPeer]
+
+
+def is_preforkd(name: str) -> bool:
+    return name == "preforkd" or name.startswith("preforkd-")
 
 
 # ---------------------------------------------------------------- load generator
@@ -562,6 +651,8 @@ def measure_cell(peer: Peer, mode: str, conc: int, duration: float) -> dict:
         "wrong": res["wrong"],
         "other": res["other"] + res["timeout"],
         "starved": res["starved"],
+        # persistent: the connection that waited longest for its first reply (connect -> reply)
+        "first_max_ms": res.get("first_max_us", float("nan")) / 1000 if mode == "persistent" else float("nan"),
         "loadgen_cpu_util": res["cpu_util"],
         "loadgen_cpu_per_op_us": (res["cpu_user_s"] + res["cpu_sys_s"]) / ok * 1e6 if ok else float("nan"),
         "machine_busy": (m1[0] - m0[0]) / max(1, m1[1] - m0[1]),
@@ -578,7 +669,10 @@ CELLS = [  # (key, workload, mode, concurrency)
     ("W1-32", "W1", "short", 32),
     ("W2-4", "W2", "persistent", 4),
     ("W2-32", "W2", "persistent", 32),
+    ("W2-1000", "W2", "persistent", 1000),  # issue 8: event-driven workers
 ]
+#: (cell, peer) pairs not measured, and why (shown in the table)
+NOT_RUN = {("W2-1000", "forking"): "not run: a fork per connection, 1,000 processes per cell"}
 
 
 def wait_for_quiet(limit: float = 60.0) -> float:
@@ -601,10 +695,12 @@ def wait_for_quiet(limit: float = 60.0) -> float:
             warned = True
 
 
-def run_w1_w2(peers: list[Peer], runs: int, duration: float, retry_budget: float) -> dict:
+def run_w1_w2(peers: list[Peer], runs: int, duration: float, retry_budget: float,
+              cells: list | None = None) -> dict:
     """results[cell][peer] = list of per-run dicts. Peers are interleaved (and their order
     rotated) inside every run so that drift on the machine hits them all alike."""
-    results: dict = {key: {p.name: [] for p in peers} for key, *_ in CELLS}
+    cells = CELLS if cells is None else cells
+    results: dict = {key: {p.name: [] for p in peers} for key, *_ in cells}
     retry_deadline = [float("inf")]
     log("warm-up: 0.5 s short + 0.5 s persistent per peer")
     for p in peers:
@@ -616,13 +712,13 @@ def run_w1_w2(peers: list[Peer], runs: int, duration: float, retry_budget: float
         except Exception as e:  # noqa: BLE001
             p.error = f"warm-up failed: {e}"
     wait_for_quiet()
-    expected = runs * len(CELLS) * sum(1 for p in peers if not p.error) * (duration + 0.6)
+    expected = runs * len(cells) * sum(1 for p in peers if not p.error) * (duration + 0.6)
     retry_deadline[0] = time.monotonic() + expected + retry_budget
     for r in range(runs):
-        for key, _wl, mode, conc in CELLS:
+        for key, _wl, mode, conc in cells:
             order = peers[r % len(peers):] + peers[:r % len(peers)]
             for p in order:
-                if p.error:
+                if p.error or (key, p.name) in NOT_RUN:
                     continue
                 if not p.alive():
                     p.error = f"died before {key} run {r + 1}"
@@ -887,6 +983,279 @@ def run_w5(workdir: Path, repeats: int) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- issue 8: capacity workloads
+#
+# W6 slow clients, W7 idle capacity, W8 new worker. They hold connections open with the
+# load generator's holding modes (hold, silent, trickle) while they measure.
+
+class Holder:
+    """A load generator holding connections open in the background (`-m hold|silent|trickle`):
+    started, waited on until every connection is open (its `ready` line), then stopped with
+    SIGTERM for its report (how many it held, how many the server closed)."""
+
+    def __init__(self, mode: str, port: int, conc: int, *, ramp: int = 64, sources: int = 1,
+                 interval_ms: float = 100.0, duration: float = 600.0) -> None:
+        self.argv = [str(LOADGEN), "-m", mode, "-p", str(port), "-c", str(conc), "-d", f"{duration:g}",
+                     "-R", str(ramp)]
+        if sources > 1:
+            self.argv += ["-S", str(sources)]
+        if mode == "trickle":
+            self.argv += ["-i", f"{interval_ms:g}"]
+        self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
+        REAPER.track(self.popen.pid)
+        self.ready: dict | None = None
+
+    def wait_ready(self, timeout: float) -> dict | None:
+        """The `ready` line (every connection open), or None after *timeout* seconds."""
+        assert self.popen.stdout is not None
+        line = _readline_timeout(self.popen.stdout, timeout)
+        with contextlib.suppress(ValueError):
+            self.ready = json.loads(line) if line.endswith("\n") else None
+        return self.ready
+
+    def finish(self) -> dict:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            out, err = self.popen.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            out, err = self.popen.communicate()
+        _untrack(self.popen.pid)
+        lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+        try:
+            return json.loads(lines[-1])
+        except (IndexError, ValueError):
+            return {"error": err.decode(errors="replace").strip()[-300:] or "no report"}
+
+
+def _untrack(pid: int) -> None:
+    for tp in list(REAPER.procs):
+        if tp.pid == pid:
+            REAPER.procs.remove(tp)
+
+
+def finish_all(holders: list[Holder]) -> list[dict]:
+    out = []
+    for h in holders:
+        try:
+            out.append(h.finish())
+        except Exception as e:  # noqa: BLE001
+            out.append({"error": f"{type(e).__name__}: {e}"})
+    holders.clear()
+    return out
+
+
+#: (cell, silent connections, trickling connections) held while fresh clients are measured
+SLOW_CELLS = [("W6-4", 4, 0), ("W6-400", 200, 200)]
+SLOW_TIMEOUT_MS = 1000  # a fresh client not answered within this counts as failed
+TRICKLE_MS = 100  # a trickling client sends one byte ('x', never a line end) this often
+FRESH_CLIENTS = 4
+
+
+def slow_cell(peer: Peer, silent: int, trickle: int, duration: float) -> dict:
+    """Hold *silent* silent and *trickle* trickling connections, then measure fresh short
+    connections (4 clients, 1 s timeout) for *duration* seconds."""
+    holders: list[Holder] = []
+    cell: dict = {}
+    try:
+        for mode, n in (("silent", silent), ("trickle", trickle)):
+            if n:
+                h = Holder(mode, peer.port, n, ramp=64, interval_ms=TRICKLE_MS)
+                holders.append(h)
+                rd = h.wait_ready(20.0)
+                cell[f"{mode}_open"] = rd["opened"] if rd else 0
+        time.sleep(0.3)  # the server accepts them (or queues them)
+        res = run_loadgen(loadgen_cmd("short", peer.port, FRESH_CLIENTS, duration, timeout_ms=SLOW_TIMEOUT_MS),
+                          duration)
+    finally:
+        finals = finish_all(holders)
+    # failed: errors and time-outs, and the attempts still unanswered after 1 s when the cell ended
+    failed = res["errors"] + res["stalled_end"]
+    attempts = res["ok"] + failed
+    cell.update({
+        "rate": res["rate"], "ok": res["ok"], "failed": failed, "timeout": res["timeout"],
+        "attempts": attempts, "p50_us": res["p50_us"] if res["ok"] else float("inf"),
+        "p99_ok_us": res["p99_us"] if res["ok"] else float("nan"), "max_us": res["max_us"],
+        # p99 over every attempt, a failed one counting as infinitely slow
+        "p99_us": res["p99_us"] if res["ok"] and failed <= 0.01 * attempts else float("inf"),
+        "closed": sum(f.get("closed", 0) for f in finals),
+        "held_end": sum(f.get("held_end", 0) for f in finals),
+    })
+    return cell
+
+
+def run_w6(peers: list[Peer], runs: int, duration: float) -> dict:
+    """results[cell][peer] = per-run dicts; peers interleaved and rotated as in W1/W2."""
+    results: dict = {key: {p.name: [] for p in peers} for key, *_ in SLOW_CELLS}
+    for r in range(runs):
+        for key, silent, trickle in SLOW_CELLS:
+            order = peers[r % len(peers):] + peers[:r % len(peers)]
+            for p in order:
+                if p.error:
+                    continue
+                if not p.alive():
+                    p.error = f"died before {key} run {r + 1}"
+                    continue
+                try:
+                    cell = slow_cell(p, silent, trickle, duration)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {key} {p.name}: FAILED {type(e).__name__}: {e}")
+                    continue
+                results[key][p.name].append(cell)
+                log(f"run {r + 1}/{runs} {key:6} {p.name:16} fresh {cell['rate']:7.0f}/s ok {cell['ok']} "
+                    f"failed {cell['failed']}  p50 {cell['p50_us'] / 1000:6.1f} p99 {cell['p99_us'] / 1000:6.1f} ms  "
+                    f"held {cell['held_end']} closed {cell['closed']}")
+                time.sleep(0.3)  # a fixed pool drains the dead connections queued meanwhile
+    return results
+
+
+IDLE_CONNECTIONS = 10_000
+IDLE_WORKER_CONNECTIONS = 5_000  # 4 workers of 5,000: room for 10,000 however unevenly they spread
+
+
+class PreforkdIdlePeer(PreforkdEventPeer):
+    name, label = "preforkd-event", "preforkd event (asyncio, 4 × 5,000)"
+    service_keys: ClassVar[dict] = {"worker_connections": IDLE_WORKER_CONNECTIONS}
+
+
+class PreforkdIdleUvloopPeer(PreforkdUvloopPeer):
+    name, label = "preforkd-uvloop", "preforkd event (uvloop, 4 × 5,000)"
+    service_keys: ClassVar[dict] = {"worker_connections": IDLE_WORKER_CONNECTIONS}
+
+
+class RedisIdlePeer(RedisPeer):
+    extra_args: ClassVar[list[str]] = ["--maxclients", str(IDLE_CONNECTIONS + 100)]  # default 10,000
+
+
+def server_processes(peer: Peer) -> list[psutil.Process]:
+    """The processes that hold the connections: a pre-fork server's workers (the direct
+    children of its master), else the server process itself."""
+    root = peer.root()
+    return root.children(recursive=False) if isinstance(peer, PreforkdPeer) else [root]
+
+
+def memory(procs: list[psutil.Process]) -> dict:
+    uss = rss = 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            mi = p.memory_full_info()
+            uss += mi.uss
+            rss += mi.rss
+    return {"uss": uss, "rss": rss, "processes": len(procs)}
+
+
+def run_w7(workdir: Path, n: int, warm: float, wanted: set[str] | None) -> dict:
+    """n idle connections (each sent one PING and got its +PONG, then silent) held by 4
+    event-driven workers; memory per idle connection from the growth of the workers' USS
+    and RSS; asyncio (1 process) and redis as references."""
+    out: dict = {}
+    for cls in (PreforkdIdlePeer, PreforkdIdleUvloopPeer, AsyncioPeer, RedisIdlePeer):
+        if wanted is not None and cls.name not in wanted:
+            continue
+        peer = cls(workdir / "w7")
+        res: dict = {"label": peer.label}
+        holders: list[Holder] = []
+        try:
+            (workdir / "w7").mkdir(parents=True, exist_ok=True)
+            peer.start()
+            res["command"] = peer.command
+            run_loadgen(loadgen_cmd("short", peer.port, 16, warm), warm)
+            run_loadgen(loadgen_cmd("persistent", peer.port, 16, warm), warm)
+            time.sleep(0.3)
+            before = memory(server_processes(peer))
+            t0 = time.monotonic()
+            h = Holder("hold", peer.port, n, ramp=500, sources=16)
+            holders.append(h)
+            rd = h.wait_ready(120.0)
+            res["open_s"] = time.monotonic() - t0
+            time.sleep(1.0)
+            after = memory(server_processes(peer))
+            if isinstance(peer, PreforkdPeer):
+                with contextlib.suppress(Exception):
+                    st = peer.control()["services"][0]
+                    res["per_worker"] = sorted((w["active"] for w in st["workers"]), reverse=True)
+            probe = run_loadgen(loadgen_cmd("short", peer.port, FRESH_CLIENTS, 1.0, timeout_ms=SLOW_TIMEOUT_MS), 1.0)
+            final = finish_all(holders)[0]
+            held = final.get("held_end", 0)
+            res.update({
+                "held": held, "opened": (rd or {}).get("opened", final.get("opened", 0)), "ready": rd is not None,
+                "closed": final.get("closed", 0), "errors": final.get("errors", 0),
+                "before": before, "after": after,
+                "uss_per_conn": (after["uss"] - before["uss"]) / held if held else float("nan"),
+                "rss_per_conn": (after["rss"] - before["rss"]) / held if held else float("nan"),
+                "probe_rate": probe["rate"], "probe_p99_us": probe["p99_us"], "probe_failed": probe["errors"],
+            })
+            log(f"  W7 {peer.name}: {held} of {n} held (opened in {res['open_s']:.1f} s), "
+                f"USS {res['uss_per_conn'] / 1024:.2f} KiB/conn, RSS {res['rss_per_conn'] / 1024:.2f} KiB/conn; "
+                f"fresh clients meanwhile {probe['rate']:.0f}/s p99 {probe['p99_us'] / 1000:.1f} ms")
+        except Exception as e:  # noqa: BLE001
+            res["error"] = f"{type(e).__name__}: {e}"
+            log(f"  W7 {peer.name} failed: {res['error']}")
+        finally:
+            finish_all(holders)
+            peer.stop()
+        out[cls.name] = res
+    return out
+
+
+def settle(peer: PreforkdPeer, timeout: float = 10.0) -> dict:
+    """Wait until a dynamic pool has no worker starting and at least one idle."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pool = peer.pool()
+        if (pool["starting"] == 0 and pool["idle"] >= 1 and pool["current"] == pool["target"]) \
+                or time.monotonic() > deadline:
+            return pool
+        time.sleep(0.02)
+
+
+def run_w8(workdir: Path, repeats: int) -> dict:
+    """The time from a connection that needs a new worker to its first reply. A dynamic
+    pool (workers = 4, max_workers = 64, min_spare_workers = 1) is settled with every worker
+    busy but its one spare; then one client more than there are idle workers connects at
+    once (each sends PING and holds the connection): the spare takes one, the last needs a
+    new worker. Its connect() → +PONG is one sample; the held connections stay, so each
+    repeat starts from a bigger pool."""
+    peer = PreforkdDynamicPeer(workdir / "w8")
+    out: dict = {"repeats": repeats}
+    holders: list[Holder] = []
+    new_ms: list[float] = []
+    spare_ms: list[float] = []
+    try:
+        peer.start()
+        out["command"] = peer.command
+        pool = settle(peer)
+        if pool["idle"] > 1:  # hold all but one worker busy
+            h = Holder("hold", peer.port, pool["idle"] - 1, ramp=0)
+            holders.append(h)
+            if not h.wait_ready(10.0):
+                raise PeerFailed("the first connections got no reply")
+        for _i in range(repeats):
+            pool = settle(peer)
+            h = Holder("hold", peer.port, pool["idle"] + 1, ramp=0)
+            holders.append(h)
+            rd = h.wait_ready(10.0)
+            if not rd:
+                raise PeerFailed(f"no reply within 10 s with {pool['current']} workers")
+            new_ms.append(rd["first_max_us"] / 1000)
+            spare_ms.append(rd["first_min_us"] / 1000)
+        out["pool_end"] = settle(peer)
+        out["held"] = sum((h.ready or {}).get("opened", 0) for h in holders)
+        log(f"  W8: connection needing a new worker -> first reply: median {med(new_ms):.1f} ms "
+            f"(min {min(new_ms):.1f}, max {max(new_ms):.1f}); served by a spare: {med(spare_ms):.2f} ms; "
+            f"pool ended at {out['pool_end']['current']} workers")
+    except Exception as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {e}"
+        log(f"  W8 failed: {out['error']}")
+    finally:
+        finish_all(holders)
+        peer.stop()
+    out.update({"new_worker_ms": new_ms, "spare_ms": spare_ms})
+    return out
+
+
 def _pid_from(path: Path) -> int | None:
     with contextlib.suppress(OSError, ValueError):
         return int(path.read_text().split()[0])
@@ -1009,21 +1378,210 @@ def targets(results: dict, w3: dict, w4: dict) -> list[tuple[str, str, str, str]
     return rows
 
 
-def make_chart(results: dict, peers: list[Peer], path: Path) -> None:
+# ---------------------------------------------------------------- report: issue 8 (capacity)
+
+TARGET_DEFS_8 = """\
+Dynamic pool: W2-32 serves all 32 connections at ≥ 0.8× the naive pre-fork's W2-4 rate. Event-driven workers
+(asyncio and uvloop each): W2-32 ≥ 1.0× the naive W2-4 rate with CPU per reply ≤ 1.2× the naive's (W2-4);
+W2-1000 serves all 1,000; W1-4 ≥ 0.9× naive. W6: fresh clients under 200 silent and 200 trickling connections
+answered with p99 < 50 ms (event mode). W7: 10,000 idle connections held at ≤ 16 KiB each. W8: a connection
+that needs a new worker gets its first reply in < 100 ms at the median."""
+
+EVENT_PEERS = ("preforkd-event", "preforkd-uvloop")
+
+
+def _check(rows: list, label: str, value: float, limit: float, kind: str, fmtv, note: str = "") -> None:
+    if value != value or limit != limit:
+        rows.append((label, "–", "not measured", note))
+        return
+    ok = value >= limit if kind == ">=" else value <= limit
+    if value == float("inf"):
+        margin = note or "no answer"
+    elif not limit:
+        margin = note
+    else:
+        margin = f"{(value / limit - 1) * 100:+.0f}% vs the limit" + (f"; {note}" if note else "")
+    rows.append((label, fmtv(value), "met" if ok else "**missed**", margin))
+
+
+def capacity_targets(results: dict, cap: dict) -> list[tuple[str, str, str, str]]:
+    rows: list = []
+
+    def m(cell, peer, key):
+        return med([r[key] for r in results.get(cell, {}).get(peer, [])])
+
+    def worst(cell, peer, key):
+        xs = [r[key] for r in results.get(cell, {}).get(peer, [])]
+        return max(xs) if xs else float("nan")
+
+    x = lambda v: f"{v:.2f}×"  # noqa: E731
+    n2 = m("W2-4", BASELINE, "rate")
+    c2 = m("W2-4", BASELINE, "cpu_per_op_us")
+    _check(rows, "dynamic W2-32: connections with no reply = 0 (worst run)", worst("W2-32", "preforkd-dynamic",
+           "starved"), 0, "<=", lambda v: f"{v:.0f} of 32")
+    _check(rows, "dynamic W2-32: replies/s ≥ 0.8× naive W2-4", m("W2-32", "preforkd-dynamic", "rate") / n2, 0.8,
+           ">=", x)
+    for name in EVENT_PEERS:
+        loop = "uvloop" if "uvloop" in name else "asyncio"
+        _check(rows, f"event ({loop}) W2-32: replies/s ≥ 1.0× naive W2-4", m("W2-32", name, "rate") / n2, 1.0,
+               ">=", x)
+        _check(rows, f"event ({loop}) W2-32: CPU/reply ≤ 1.2× naive W2-4",
+               m("W2-32", name, "cpu_per_op_us") / c2, 1.2, "<=", x)
+        _check(rows, f"event ({loop}) W2-1000: connections with no reply = 0 (worst run)",
+               worst("W2-1000", name, "starved"), 0, "<=", lambda v: f"{v:,.0f} of 1,000")
+        _check(rows, f"event ({loop}) W1-4: conn/s ≥ 0.9× naive",
+               m("W1-4", name, "rate") / m("W1-4", BASELINE, "rate"), 0.9, ">=", x)
+    w6 = cap.get("w6") or {}
+    for name in EVENT_PEERS:
+        loop = "uvloop" if "uvloop" in name else "asyncio"
+        rs = w6.get("W6-400", {}).get(name, [])
+        _check(rows, f"event ({loop}) W6: fresh clients' p99 < 50 ms under 200 silent + 200 trickling",
+               med([r["p99_us"] / 1000 for r in rs]), 50.0, "<=", lambda v: f"{v:.1f} ms" if v < 1e9 else "∞",
+               "more than 1% of fresh clients unanswered in 1 s" if rs and med([r["p99_us"] for r in rs]) == float(
+                   "inf") else "")
+    w7 = cap.get("w7") or {}
+    for name in EVENT_PEERS:
+        r = w7.get(name, {})
+        loop = "uvloop" if "uvloop" in name else "asyncio"
+        held = r.get("held", 0)
+        note = f"only {held:,} of {IDLE_CONNECTIONS:,} held" if r and held < IDLE_CONNECTIONS else ""
+        for k in ("uss", "rss"):
+            _check(rows, f"event ({loop}) W7: {k.upper()} per idle connection ≤ 16 KiB (10,000 held)",
+                   r.get(f"{k}_per_conn", float("nan")) / 1024 if held >= IDLE_CONNECTIONS else float("nan"), 16.0,
+                   "<=", lambda v: f"{v:.2f} KiB", note or r.get("error", ""))
+    w8 = cap.get("w8") or {}
+    _check(rows, "dynamic W8: new worker → first reply, median < 100 ms", med(w8.get("new_worker_ms", [])), 100.0,
+           "<=", lambda v: f"{v:.1f} ms", w8.get("error", ""))
+    return rows
+
+
+def _ms(us: float, nd: int = 1) -> str:
+    if us == float("inf"):
+        return "∞"
+    return fmt(us / 1000, nd)
+
+
+def capacity_report(a, args, peers: list[Peer], cap: dict) -> None:
+    """The W6, W7 and W8 sections."""
+    w6, w7, w8 = cap.get("w6"), cap.get("w7"), cap.get("w8")
+    a("## W6 — slow clients: fresh short connections while silent and trickling ones are held\n")
+    if not w6:
+        a("Not measured.\n")
+    else:
+        a(f"Per peer and run: the load generator opens the *silent* connections (connect, then nothing) "
+          f"and the *trickling* ones (one byte every {TRICKLE_MS} ms, never a line end), waits 0.3 s, then "
+          f"measures fresh short connections (W1: connect, `PING`, `+PONG`, close) with {FRESH_CLIENTS} clients "
+          f"for {args.slow_duration:g} s, each given {SLOW_TIMEOUT_MS} ms before it counts as failed and is "
+          "retried. *p99* counts a failed attempt as infinitely slow: ∞ when more than 1% failed. preforkd "
+          "runs with its defaults (`idle_timeout` 300 s, `line_timeout` 60 s), so nothing is cut during "
+          f"the cell. {args.slow_runs} runs, medians.\n")
+        for key, silent, trickle in SLOW_CELLS:
+            if key not in w6:
+                continue
+            what = f"{silent} silent" + (f" and {trickle} trickling" if trickle else "")
+            a(f"### {what} connections held\n")
+            a("| peer | fresh conn/s | answered / attempts | p50 ms | p99 ms | p99 of the answered ms | "
+              "held connections closed by the server |")
+            a("|---|---|---|---|---|---|---|")
+            for p in peers:
+                rs = w6[key].get(p.name, [])
+                label = f"**{p.label}**" if is_preforkd(p.name) else p.label
+                if not rs:
+                    a(f"| {label} | failed: {_md(p.error or 'not run')} | | | | | |")
+                    continue
+                a(f"| {label} | {fmt(med([r['rate'] for r in rs]))} | "
+                  f"{sum(r['ok'] for r in rs):,} / {sum(r['attempts'] for r in rs):,} | "
+                  f"{_ms(med([r['p50_us'] for r in rs]), 2)} | {_ms(med([r['p99_us'] for r in rs]))} | "
+                  f"{_ms(med([r['p99_ok_us'] for r in rs]))} | {sum(r['closed'] for r in rs)} |")
+            a("")
+        a("A pool of N one-connection workers is taken by its first N silent clients: everything after them "
+          "waits in the accept queue. A dynamic pool grows to `max_workers` (64) and is then taken the same "
+          "way by 400. Event-driven workers hold the slow connections as idle sockets in their event loop.\n")
+
+    a("## W7 — idle capacity: 10,000 idle connections\n")
+    if not w7:
+        a("Not measured.\n")
+    else:
+        a(f"{IDLE_CONNECTIONS:,} connections, opened at most 500 at a time from 16 loopback source addresses; "
+          "each sends one `PING`, reads its `+PONG` (so the server has accepted and served it) and then stays "
+          "open and silent. preforkd runs 4 event-driven workers with `worker_connections = "
+          f"{IDLE_WORKER_CONNECTIONS:,}` (room for all 10,000 however unevenly the kernel spreads them). Memory: "
+          "psutil `memory_full_info()` of the processes holding the connections (preforkd's workers; the "
+          "single process of asyncio and redis) after the warm-up of W4 and again 1 s after the last connection "
+          "was answered; the growth divided by the connections held. Kernel socket memory is not in these "
+          "figures (it is the same for every peer). *Fresh clients*: W1 with 4 clients for 1 s while the "
+          "10,000 are held. The pre-fork pools (fixed or dynamic) cannot hold 10,000 connections and are not "
+          "run.\n")
+        a("| peer | held (of 10,000) | time to open all s | USS growth MiB | **KiB per connection (USS)** | "
+          "RSS growth MiB | KiB per connection (RSS) | connections per worker | fresh clients: conn/s, p99 ms |")
+        a("|---|---|---|---|---|---|---|---|---|")
+        for name, r in w7.items():
+            label = f"**{r.get('label', name)}**" if is_preforkd(name) else r.get("label", name)
+            if r.get("error") and "held" not in r:
+                a(f"| {label} | failed: {_md(r['error'])} | | | | | | | |")
+                continue
+            du = (r["after"]["uss"] - r["before"]["uss"]) / 2**20
+            dr = (r["after"]["rss"] - r["before"]["rss"]) / 2**20
+            pw = ", ".join(f"{x:,}" for x in r.get("per_worker", [])) or "–"
+            failed = f" ({r['probe_failed']} failed)" if r.get("probe_failed") else ""
+            a(f"| {label} | {r['held']:,} | {r['open_s']:.1f} | {du:.1f} | **{r['uss_per_conn'] / 1024:.2f}** | "
+              f"{dr:.1f} | {r['rss_per_conn'] / 1024:.2f} | {pw} | {fmt(r['probe_rate'])}, "
+              f"{_ms(r['probe_p99_us'])}{failed} |")
+        a("")
+
+    a("## W8 — a connection that needs a new worker (dynamic pool)\n")
+    if not w8:
+        a("Not measured.\n")
+    elif not w8.get("new_worker_ms"):
+        a(f"Not measured: {_md(w8.get('error', 'no sample'))}\n")
+    else:
+        a("preforkd with `workers = 4`, `max_workers = 64` (`min_spare_workers` 1, the default). The pool is "
+          "first settled (no worker starting, one idle) with every other worker held busy by a persistent "
+          "connection; then one client more than there are idle workers connects at once, each sending "
+          "`PING` and holding its connection: the idle worker takes one, the last one needs a new worker "
+          "(the busy worker wakes the master, which forks). Sample: that connection's `connect()` → `+PONG`. "
+          f"The held connections stay, so each of the {w8['repeats']} repeats starts from a pool two workers "
+          "bigger.\n")
+        pe = w8.get("pool_end", {})
+        a("| | median (min–max) ms |\n|---|---|")
+        a(f"| connection that needs a new worker → first reply | **{fmt_spread(w8['new_worker_ms'], 1)}** |")
+        a(f"| the other one, served by the idle spare | {fmt_spread(w8['spare_ms'], 2)} |")
+        a(f"| pool at the end | {pe.get('current', '–')} workers, {pe.get('busy', '–')} busy, "
+          f"{w8.get('held', '–')} connections held |")
+        if w8.get("error"):
+            a(f"| error | {_md(w8['error'])} |")
+        a("")
+
+
+def capacity_targets_section(a, results: dict, cap: dict) -> None:
+    a("## Targets (issue 8)\n")
+    a(TARGET_DEFS_8.replace("\n", " ") + "\n")
+    a("| target | preforkd | verdict | margin |\n|---|---|---|---|")
+    for row in capacity_targets(results, cap):
+        a("| " + " | ".join(_md(x) if i != 2 else x for i, x in enumerate(row)) + " |")
+    a("")
+
+
+PEER_COLORS = {"preforkd": "#1f77b4", "preforkd-dynamic": "#17becf", "preforkd-event": "#393b79",
+               "preforkd-uvloop": "#9c9ede", "naive": "#7f7f7f", "forking": "#d62728", "asyncio": "#2ca02c",
+               "netserver": "#9467bd", "redis": "#ff7f0e"}
+
+
+def make_chart(results: dict, peers: list[Peer], path: Path, cap: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [p.name for p in peers]
     labels = {p.name: p.label for p in peers}
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    fig, axes = plt.subplots(3, 2, figsize=(14, 13))
     panels = [
         (axes[0][0], ("W1-4", "W1-32"), "rate", "W1 short connections: connections/s"),
         (axes[0][1], ("W1-4", "W1-32"), "cpu_per_op_us", "W1 server CPU µs per connection (lower is better)"),
-        (axes[1][0], ("W2-4", "W2-32"), "rate", "W2 persistent: replies/s"),
-        (axes[1][1], ("W2-4", "W2-32"), "cpu_per_op_us", "W2 server CPU µs per reply (lower is better)"),
+        (axes[1][0], ("W2-4", "W2-32", "W2-1000"), "rate", "W2 persistent: replies/s"),
+        (axes[1][1], ("W2-4", "W2-32", "W2-1000"), "cpu_per_op_us", "W2 server CPU µs per reply (lower is better)"),
     ]
-    colors = ["#1f77b4", "#7f7f7f", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
+    colors = [PEER_COLORS.get(n, "#bcbd22") for n in names]
     width = 0.8 / max(1, len(names))
     for ax, cells, key, title in panels:
         for i, n in enumerate(names):
@@ -1039,14 +1597,14 @@ def make_chart(results: dict, peers: list[Peer], path: Path) -> None:
                 lo.append(mv - a)
                 hi.append(b - mv)
             if xs:
-                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=labels[n], color=colors[i % len(colors)])
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=labels[n], color=colors[i])
                 base = [med([r[key] for r in results.get(c, {}).get(BASELINE, [])]) for c in cells]
                 for x, y, top, c in zip(xs, ys, [y + h for y, h in zip(ys, hi, strict=True)],
                                         [c for c in cells if results.get(c, {}).get(n)], strict=False):
                     b0 = base[cells.index(c)]
                     if b0 == b0 and b0:
-                        ax.annotate(f"{y / b0:.2f}", (x, top), ha="center", va="bottom", fontsize=7,
-                                    xytext=(0, 2), textcoords="offset points")
+                        ax.annotate(f"{y / b0:.2f}", (x, top), ha="center", va="bottom", fontsize=6,
+                                    xytext=(0, 2), textcoords="offset points", rotation=90)
         ax.set_xticks(range(len(cells)))
         ax.set_xticklabels([f"{c.split('-')[1]} {'clients' if c.startswith('W1') else 'connections'}" for c in cells])
         ax.set_title(title, fontsize=10)
@@ -1055,17 +1613,63 @@ def make_chart(results: dict, peers: list[Peer], path: Path) -> None:
             ax.set_yscale("log")
             ax.set_title(title + ", log scale", fontsize=10)
         ax.margins(y=0.12)
+    _capacity_panels(axes[2], names, labels, colors, cap or {})
     handles, labs = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labs, loc="lower center", ncol=len(labs), fontsize=9, frameon=False)
+    fig.legend(handles, labs, loc="lower center", ncol=(len(labs) + 1) // 2, fontsize=9, frameon=False)
     fig.suptitle("preforkd vs peers, 4-worker pools, 2 cores shared with the client\n"
                  "(median of runs, whiskers: min–max, numbers: ratio to the naive pre-fork)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _capacity_panels(axes, names: list[str], labels: dict, colors: list[str], cap: dict) -> None:
+    """W6: the fresh clients' p99 under slow clients (∞ drawn at the timeout, hatched);
+    W7: memory per idle connection."""
+    ax = axes[0]
+    w6 = cap.get("w6") or {}
+    keys = [k for k, *_ in SLOW_CELLS if k in w6]
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        for j, k in enumerate(keys):
+            rs = w6[k].get(n, [])
+            if not rs:
+                continue
+            v = med([r["p99_us"] for r in rs]) / 1000
+            x = j + (i - (len(names) - 1) / 2) * width
+            unanswered = v == float("inf")
+            ax.bar([x], [SLOW_TIMEOUT_MS if unanswered else v], width, color=colors[i],
+                   hatch="//" if unanswered else None, edgecolor="white" if unanswered else None)
+            ax.annotate("∞" if unanswered else f"{v:.1f}", (x, SLOW_TIMEOUT_MS if unanswered else v), ha="center",
+                        va="bottom", fontsize=6, xytext=(0, 2), textcoords="offset points")
+    ax.axhline(50, color="black", lw=0.8, ls="--")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{s} silent" + (f" + {t} trickling" if t else "") for k, s, t in SLOW_CELLS if k in w6])
+    ax.set_title("W6 fresh clients' p99 ms under slow clients, log scale (hatched: > 1% unanswered; "
+                 "dashed: 50 ms target)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax = axes[1]
+    w7 = cap.get("w7") or {}
+    rows = [(n, r) for n, r in w7.items() if r.get("held")]
+    for j, (n, r) in enumerate(rows):
+        c = colors[names.index(n)] if n in names else PEER_COLORS.get(n, "#bcbd22")
+        for k, (key, off) in enumerate((("uss_per_conn", -0.2), ("rss_per_conn", 0.2))):
+            v = r[key] / 1024
+            ax.bar([j + off], [v], 0.38, color=c, alpha=1.0 if k == 0 else 0.55)
+            ax.annotate(f"{v:.1f}", (j + off, v), ha="center", va="bottom", fontsize=7, xytext=(0, 2),
+                        textcoords="offset points")
+    ax.axhline(16, color="black", lw=0.8, ls="--")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r.get("label", n).replace(" (", "\n(") for n, r in rows], fontsize=7)
+    ax.set_title("W7 KiB per idle connection, 10,000 held (left: USS growth, right: RSS growth; "
+                 "dashed: 16 KiB target)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
 def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, w3: dict, w4: dict,
-                 w5: dict, minfo: dict, started: float, argv: list[str]) -> None:
+                 w5: dict, minfo: dict, started: float, argv: list[str], cap: dict | None = None) -> None:
+    cap = cap or {}
     notes = ""
     if path.exists():
         old = path.read_text()
@@ -1130,10 +1734,15 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
             a(_rel(p.command))
     if any(p.name == "preforkd" for p in peers):
         a("# preforkd config (written to a temp dir):")
-        for line in PREFORKD_CONFIG.format(bench='"<absolute path of benchmarks/>"', port=0, workers=4,
-                                           logfile="").splitlines():
+        for line in preforkd_config_text('"<absolute path of benchmarks/>"').splitlines():
             if line:
                 a("#   " + line)
+    for p in peers:
+        if isinstance(p, PreforkdPeer) and p.name != "preforkd":
+            extra = [f"{k} = {json.dumps(v)}" for k, v in p.supervisor_keys.items()]
+            extra += [f"{k} = {json.dumps(v)}" for k, v in p.service_keys.items()]
+            a(f"# {p.label}: the same config plus " + "; ".join(extra)
+              + " (event_loop in [supervisor])" * bool(p.supervisor_keys))
     a("# W1 (per cell):  benchmarks/build/loadgen -m short -p PORT -c {4,32} "
       f"-d {args.duration:g} -S 64")
     a(f"# W2 (per cell):  benchmarks/build/loadgen -m persistent -p PORT -c {{4,32}} -d {args.duration:g}")
@@ -1161,13 +1770,13 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
                                   "replies/s", "reply")):
         a(f"## {title}\n")
         for key, w, _mode, conc in CELLS:
-            if w != wl:
+            if w != wl or key not in results:
                 continue
-            a(f"### {conc} concurrent {'clients' if wl == 'W1' else 'connections'}\n")
+            a(f"### {conc:,} concurrent {'clients' if wl == 'W1' else 'connections'}\n")
             head = (f"| peer | {unit} | × naive | server CPU µs/{per} | × naive | p50 µs | p99 µs | "
                     f"errors (refused/reset/wrong/other) |")
             if wl == "W2":
-                head += " connections with no reply |"
+                head += " connections with no reply | slowest first reply ms |"
             head += " client CPU | machine | noisy |"
             a(head)
             a("|" + "---|" * (head.count("|") - 1))
@@ -1177,17 +1786,22 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
             for p in peers:
                 rs = results[key].get(p.name, [])
                 if not rs:
-                    row = f"| {p.label} | failed: {_md(p.error or 'not run')} |" + " |" * (head.count("|") - 3)
+                    why = NOT_RUN.get((key, p.name)) or f"failed: {p.error or 'not run'}"
+                    row = f"| {p.label} | {_md(why)} |" + " |" * (head.count("|") - 3)
                     a(row)
                     continue
                 rate = [r["rate"] for r in rs]
                 cpu = [r["cpu_per_op_us"] for r in rs]
                 errs = "/".join(str(sum(r[k] for r in rs)) for k in ("refused", "reset", "wrong", "other"))
-                row = (f"| {'**' + p.label + '**' if p.name == 'preforkd' else p.label} | {fmt_spread(rate)} | "
+                row = (f"| {'**' + p.label + '**' if is_preforkd(p.name) else p.label} | {fmt_spread(rate)} | "
                        f"{ratio(med(rate), brate)} | {fmt_spread(cpu, 1)} | {ratio(med(cpu), bcpu)} | "
                        f"{fmt(med([r['p50_us'] for r in rs]))} | {fmt(med([r['p99_us'] for r in rs]))} | {errs} |")
                 if wl == "W2":
-                    row += f" {fmt(med([r['starved'] for r in rs]))} of {conc} |"
+                    starved = [r["starved"] for r in rs]
+                    worst = f" (max {max(starved):,})" if max(starved) != med(starved) else ""
+                    slowest = fmt(med([r.get("first_max_ms", float("nan")) for r in rs]), 1)
+                    row += (f" {fmt(med(starved))} of {conc:,}{worst} |"
+                            f" {'never (starved)' if med(starved) else slowest} |")
                 row += (f" {med([r['loadgen_cpu_util'] for r in rs]):.0%} | "
                         f"{med([r['machine_busy'] for r in rs]):.0%} | "
                         f"{DROPPED.get(key, {}).get(p.name, 0)} / "
@@ -1198,7 +1812,12 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
             a("A pool of 4 workers that each serve one connection at a time cannot serve more than 4 "
               "persistent connections: with 32, the other 28 wait in the accept queue and get no reply "
               "until a worker frees up, which in this workload never happens. That is the pre-fork model "
-              "(preforkd, the naive pre-fork, Net::Server::PreFork), reported as it is.\n")
+              "(preforkd's fixed pool, the naive pre-fork, Net::Server::PreFork), reported as it is. "
+              "preforkd's dynamic pool grows to one worker per connection up to `max_workers` (64), so "
+              "it serves 32 but not 1,000; its event-driven workers serve up to 4 × 1,000. *Slowest "
+              "first reply*: from the `connect()` call of the connection that waited longest to its "
+              "first reply (the load generator opens all connections at once; a dynamic pool grows "
+              "meanwhile).\n")
 
     a("## W3 — reload under load (preforkd only)\n")
     if not w3 or ("error" in w3 and "reloads" not in w3):
@@ -1284,12 +1903,15 @@ def write_report(path: Path, png: Path, args, peers: list[Peer], results: dict, 
             a(f"| naive pre-fork: process start until the first reply | {fmt_spread(n5['first_reply_ms'])} |")
         a("")
 
+    capacity_report(a, args, peers, cap)
+
     a("## Targets (issue 4)\n")
     a(TARGET_DEFS.replace("\n", " ") + "\n")
     a("| target | preforkd | verdict | margin |\n|---|---|---|---|")
     for row in targets(results, w3, w4):
         a("| " + " | ".join(_md(x) if i != 2 else x for i, x in enumerate(row)) + " |")
     a("")
+    capacity_targets_section(a, results, cap)
     a("## Is the load generator the bottleneck?\n")
     a(_bottleneck_text(results, peers))
     a("")
@@ -1306,13 +1928,13 @@ def _bottleneck_text(results: dict, peers: list[Peer]) -> str:
     for key, _wl, _mode, _conc in CELLS:
         parts = []
         for p in peers:
-            rs = results[key].get(p.name, [])
+            rs = results.get(key, {}).get(p.name, [])
             if rs:
                 parts.append(f"{p.name} {med([r['loadgen_cpu_util'] for r in rs]):.0%} "
                              f"({fmt(med([r['loadgen_cpu_per_op_us'] for r in rs]), 1)} µs/op)")
         if parts:
             lines.append(f"- {key}: client CPU (share of one core, and per operation): " + ", ".join(parts))
-    rr = {k: med([r["rate"] for r in results[k].get("redis", [])]) for k, *_ in CELLS}
+    rr = {k: med([r["rate"] for r in results.get(k, {}).get("redis", [])]) for k, *_ in CELLS}
     txt = ("The client is one thread, so it limits a cell only when its CPU share is near 100%. "
            "redis-server (C, one event loop) is the reference for what the client and the kernel can do "
            "on this machine: ")
@@ -1354,7 +1976,12 @@ def main() -> int:
     ap.add_argument("--retry-budget", type=float, default=90.0,
                     help="seconds W1/W2 may spend re-measuring cells disturbed by other processes")
     ap.add_argument("--peers", help="comma-separated subset of: " + ",".join(c.name for c in PEER_CLASSES))
-    ap.add_argument("--skip", default="", help="comma-separated workloads to skip: W1W2,W3,W4,W5")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated workloads to skip: W1W2,W2-1000,W3,W4,W5,W6,W7,W8")
+    ap.add_argument("--slow-runs", type=int, help="runs per W6 cell (default 3; --quick 1)")
+    ap.add_argument("--slow-duration", type=float, help="seconds of fresh clients per W6 cell (default 2; --quick 1)")
+    ap.add_argument("--idle-connections", type=int, default=IDLE_CONNECTIONS, help="W7 connections (default 10000)")
+    ap.add_argument("--spawn-repeats", type=int, help="W8 repeats (default 10; --quick 3)")
     ap.add_argument("--out-dir", type=Path,
                     help="where performance.md/.png go (default docs/; --quick: benchmarks/build/quick/)")
     args = ap.parse_args()
@@ -1362,6 +1989,9 @@ def main() -> int:
     args.runs = args.runs or (1 if args.quick else 5)
     args.duration = args.duration or (1.0 if args.quick else 3.0)
     args.hups = args.hups or (5 if args.quick else 20)
+    args.slow_runs = args.slow_runs or (1 if args.quick else 3)
+    args.slow_duration = args.slow_duration or (1.0 if args.quick else 2.0)
+    args.spawn_repeats = args.spawn_repeats or (3 if args.quick else 10)
     out_dir = args.out_dir or (BENCH / "build" / "quick" if args.quick else ROOT / "docs")
     out_dir.mkdir(parents=True, exist_ok=True)
     skip = {s.strip().upper() for s in args.skip.split(",") if s.strip()}
@@ -1371,6 +2001,7 @@ def main() -> int:
         LOADGEN.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(["gcc", "-O2", "-o", str(LOADGEN), str(BENCH / "loadgen.c")], check=True)
 
+    raise_nofile_limit()
     started = time.monotonic()
     minfo = machine_info()
     log(f"machine: {minfo['cpu']}, {minfo['cores']} cores, Linux {minfo['kernel']}, Python {minfo['python']}")
@@ -1385,6 +2016,8 @@ def main() -> int:
     w3: dict = {}
     w4: dict = {}
     w5: dict = {}
+    cap: dict = {}
+    cells = [c for c in CELLS if c[0] not in skip]
 
     def on_term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -1395,7 +2028,7 @@ def main() -> int:
         for cls in classes:
             p = cls(workdir)
             peers.append(p)
-            if "W1W2" in skip:
+            if "W1W2" in skip and "W6" in skip:
                 continue
             log(f"starting {p.label}")
             try:
@@ -1406,10 +2039,13 @@ def main() -> int:
                 log(f"  {p.name}: {p.error}")
                 p.stop()
         if "W1W2" not in skip:
-            log(f"W1/W2: {args.runs} runs × {len(CELLS)} cells × {len(peers)} peers × {args.duration:g} s")
-            results = run_w1_w2(peers, args.runs, args.duration, args.retry_budget)
-            for p in peers:
-                p.stop()
+            log(f"W1/W2: {args.runs} runs × {len(cells)} cells × {len(peers)} peers × {args.duration:g} s")
+            results = run_w1_w2(peers, args.runs, args.duration, args.retry_budget, cells)
+        if "W6" not in skip:
+            log(f"W6: slow clients, {args.slow_runs} runs × {len(SLOW_CELLS)} cells × {len(peers)} peers")
+            cap["w6"] = run_w6(peers, args.slow_runs, args.slow_duration)
+        for p in peers:
+            p.stop()
         if "W3" not in skip and any(p.name == "preforkd" for p in peers):
             log(f"W3: {args.hups} HUPs under load")
             w3 = run_w3(workdir, args.hups, args.hup_settle)
@@ -1419,6 +2055,13 @@ def main() -> int:
         if "W5" not in skip and any(p.name == "preforkd" for p in peers):
             log("W5: start-up")
             w5 = run_w5(workdir, 2 if args.quick else 5)
+        if "W7" not in skip:
+            log(f"W7: {args.idle_connections:,} idle connections")
+            cap["w7"] = run_w7(workdir, args.idle_connections, 0.5 if args.quick else 1.0,
+                               {p.name for p in peers} if args.peers else None)
+        if "W8" not in skip and any(p.name == "preforkd-dynamic" for p in peers):
+            log(f"W8: a connection that needs a new worker, {args.spawn_repeats} repeats")
+            cap["w8"] = run_w8(workdir, args.spawn_repeats)
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted: stopping everything")
@@ -1436,17 +2079,17 @@ def main() -> int:
     md = out_dir / "performance.md"
     png = out_dir / "performance.png"
     try:
-        make_chart(results, peers, png)
+        make_chart(results, peers, png, cap)
     except Exception as e:  # noqa: BLE001
         log(f"chart failed: {e}")
-    write_report(md, png, args, peers, results, w3, w4, w5, minfo, started, argv)
+    write_report(md, png, args, peers, results, w3, w4, w5, minfo, started, argv, cap)
     with contextlib.suppress(OSError):
         (BENCH / "build" / "last-run.json").write_text(json.dumps(
-            {"results": results, "w3": w3, "w4": w4, "w5": w5, "machine": minfo,
+            {"results": results, "w3": w3, "w4": w4, "w5": w5, **cap, "machine": minfo,
              "errors": {p.name: p.error for p in peers if p.error}}, indent=1, default=str))
     log(f"wrote {md.relative_to(ROOT) if md.is_relative_to(ROOT) else md} and {png.name} "
         f"in {(time.monotonic() - started) / 60:.1f} min")
-    for row in targets(results, w3, w4):
+    for row in targets(results, w3, w4) + capacity_targets(results, cap):
         log(f"  {row[2]:>12}  {row[0]}: {row[1]} {row[3]}")
     shutil.rmtree(workdir, ignore_errors=True)
     return 0

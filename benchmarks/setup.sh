@@ -5,7 +5,7 @@
 #     (installed only when missing; needs root). Redis is NOT started as a service: the
 #     harness runs its own redis-server on loopback.
 #   - benchmarks/build/loadgen compiled from benchmarks/loadgen.c (when the source is newer)
-#   - matplotlib in the project venv (.venv) for the chart
+#   - matplotlib (the chart) and uvloop (preforkd's event-driven peer on uvloop) in the project venv (.venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,8 +49,8 @@ if [[ ! -x $VENV/bin/python ]]; then
     echo "setup.sh: $VENV missing; run 'make venv' first" >&2
     exit 1
 fi
-if ! "$VENV/bin/python" -c 'import matplotlib, psutil' >/dev/null 2>&1; then
-    echo "setup.sh: installing matplotlib into $VENV"
-    "$VENV/bin/pip" install -q 'matplotlib>=3.7' 'psutil>=5.9'
+if ! "$VENV/bin/python" -c 'import matplotlib, psutil, uvloop' >/dev/null 2>&1; then
+    echo "setup.sh: installing matplotlib and uvloop (the event-driven preforkd peer's loop) into $VENV"
+    "$VENV/bin/pip" install -q 'matplotlib>=3.7' 'psutil>=5.9' 'uvloop>=0.17'
 fi
 echo "setup.sh: ready (loadgen: benchmarks/build/loadgen)"
