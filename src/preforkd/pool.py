@@ -218,14 +218,15 @@ class Pool:
     def adjust(self, census: Census, queued: int, now: float, logger: Logger) -> None:
         """A dynamic pool's idle-server maintenance (Apache prefork's, done on demand):
         grow when fewer than ``min_spare_workers`` are idle or starting, or when more
-        connections wait in the accept queue (*queued*) than workers are starting, by
+        connections wait in the accept queue (*queued*) than idle and starting workers can take, by
         what is missing, at most :data:`MAX_SPAWN_BATCH` at once and never above the
         ceiling; shrink back towards the floor once more than ``max_spare_workers`` have
         been idle for :data:`SPARE_GRACE` seconds; log ``pool.saturated`` once per
         episode at the ceiling with no idle worker. *now*: monotonic seconds."""
         cfg = self.config
         coming = census.starting + max(0, self.target - census.total)  # forked or about to be
-        want = max(cfg.min_spare_workers - census.idle - coming, queued - coming, 0)
+        # Waiting connections are taken by idle workers first, then by those coming.
+        want = max(cfg.min_spare_workers - census.idle - coming, queued - census.idle - coming, 0)
         if want and self.target < self.ceiling:
             old = self.target
             self.target = min(self.ceiling, self.target + min(want, MAX_SPAWN_BATCH))

@@ -311,3 +311,53 @@ def test_describe_status() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     assert describe_status(status) == {"signal": "SIGKILL"}
+
+
+# -- dynamic pools ---------------------------------------------------------------------
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, object]]] = []
+
+    def info(self, event: str, **kw: object) -> None:
+        self.seen.append((event, kw))
+
+    warning = info
+
+
+def _dynamic_pool(target: int, **keys: object) -> object:
+    from preforkd.pool import Pool
+
+    config = build_config({"service": [{"name": "a", "listen": ["tcp://127.0.0.1:0"], "workers": 4,
+                                         "max_workers": 64, **keys}]}, "t.toml", "/tmp", "/tmp/t.toml")
+    return Pool(config=config.services[0], listeners=[], handler=None, floor=4, target=target)
+
+
+def test_waiting_connections_are_for_idle_workers_first() -> None:
+    """A connection or two in the accept queue of a pool with idle workers is theirs to
+    take: no growth (it used to add one worker per waiting connection)."""
+    from preforkd.pool import Census
+
+    pool = _dynamic_pool(48)
+    events = _Events()
+    pool.adjust(Census(idle=47, busy=1), queued=3, now=0.0, logger=events)  # type: ignore[attr-defined]
+    assert pool.target == 48 and not events.seen  # type: ignore[attr-defined]
+    pool.adjust(Census(idle=0, busy=48), queued=3, now=0.0, logger=events)  # type: ignore[attr-defined]
+    assert pool.target == 48 + 3  # type: ignore[attr-defined]
+
+
+def test_a_dynamic_pool_grows_for_spares_and_is_bounded() -> None:
+    from preforkd.pool import MAX_SPAWN_BATCH, Census
+
+    pool = _dynamic_pool(4, min_spare_workers=2)
+    pool.adjust(Census(idle=0, busy=4), queued=0, now=0.0, logger=_Events())  # type: ignore[attr-defined]
+    assert pool.target == 6  # type: ignore[attr-defined]
+    pool = _dynamic_pool(4)
+    pool.adjust(Census(idle=0, busy=4), queued=1000, now=0.0, logger=_Events())  # type: ignore[attr-defined]
+    assert pool.target == 4 + MAX_SPAWN_BATCH  # type: ignore[attr-defined]
+    pool = _dynamic_pool(64)
+    events = _Events()
+    pool.adjust(Census(idle=0, busy=64), queued=5, now=0.0, logger=events)  # type: ignore[attr-defined]
+    pool.adjust(Census(idle=0, busy=64), queued=9, now=1.0, logger=events)  # type: ignore[attr-defined]
+    assert pool.target == 64 and [e for e, _ in events.seen] == ["pool.saturated"]  # type: ignore[attr-defined]
