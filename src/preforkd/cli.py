@@ -180,10 +180,9 @@ def _try_worker_init(inv: Invocation) -> Optional[str]:
     so that a reload into code whose workers cannot start is refused before the master
     commits to ``execve``. Returns the first failure as one line, or ``None``."""
     from .config import credentials
-    from .worker import drop_privileges
 
     try:
-        drop_privileges(credentials(inv.config))
+        credentials(inv.config).assume()
     except (OSError, KeyError) as exc:
         return f"{inv.config.source}: supervisor.user: cannot become the workers' user: {exc}"
     for index, svc in enumerate(inv.config.services):

@@ -663,6 +663,24 @@ class Credentials:
     gid: Optional[int]
     user: str
 
+    def assume(self) -> None:
+        """Become these credentials, when root: setgid, initgroups/setgroups, setuid, in
+        that order (credentials(7)). A worker does this after ``fork``; so does a
+        reload's check before it runs ``worker_init``.
+
+        :raises OSError: when the kernel refuses.
+        """
+        if os.geteuid() != 0:
+            return
+        if self.gid is not None:
+            os.setgid(self.gid)
+            if self.user:
+                os.initgroups(self.user, self.gid)
+            else:
+                os.setgroups([self.gid])
+        if self.uid is not None:
+            os.setuid(self.uid)
+
     @property
     def socket_owner(self) -> Tuple[int, int]:
         """``(uid, gid)`` for ``chown`` of Unix socket files; -1 leaves one unchanged."""

@@ -17,7 +17,6 @@ import atexit
 import datetime
 import errno
 import json
-import logging
 import os
 import stat
 import time
@@ -26,7 +25,9 @@ from typing import Any, Dict, List, MutableMapping, Optional, Tuple
 
 from .files import open_nofollow
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+#: The levels, as the standard library's ``logging`` numbers them (structlog's filtering
+#: takes these); spelt out so that a re-exec'd master need not import ``logging``.
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class LogSink:

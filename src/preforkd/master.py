@@ -342,9 +342,8 @@ class Master:
         # times and are written here, before anyone hears the outcome.
         failing = [p for p in self.pools.values() if p.name not in ready and p.failures >= START_FAILURES]
         if len(ready) == len(self.pools):
-            self.log.activate()
             self.phase = Phase.RUNNING
-            self.reloader.succeeded(self.generation)
+            self.reloader.succeeded(self.generation, before_ready=self.log.activate)
         elif failing or now >= self.reload_deadline:
             why = (f"workers of {failing[0].name} exit at start-up ({failing[0].last_failure})" if failing
                    else f"new workers not all up within {RELOAD_READY_TIMEOUT:g} s")

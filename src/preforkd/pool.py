@@ -10,7 +10,6 @@ generations are not in a pool: the master keeps them apart until they are reaped
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import os
 import selectors
 import signal
@@ -140,6 +139,8 @@ class Pool:
         """
         pool = cls(config=config, listeners=listeners, handler=handler, floor=config.workers, target=config.workers)
         if config.dynamic:
+            import multiprocessing  # only dynamic pools: a re-exec'd master starts faster without it
+
             pool.idle_sem = multiprocessing.get_context("fork").Semaphore(0)
             pool.cells = scoreboard.cells(scoreboard.claim())
         return pool

@@ -21,10 +21,12 @@ import enum
 import os
 import selectors
 import signal
-import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    import subprocess
 
 from . import reexec
 from .config import Config, ConfigError, load_config, read_config_file, resolve_config_path
@@ -148,12 +150,15 @@ class Reloader:
         self.logger.error("config.reload_failed", error=reason, reload_seq=self.seq)
         self.notifier.ready(f"reload failed, still serving the running generation: {reason}"[:200])
 
-    def succeeded(self, generation: int) -> None:
-        """The new generation accepts: log ``config.reloaded`` and tell systemd."""
+    def succeeded(self, generation: int, before_ready: Callable[[], None]) -> None:
+        """The new generation accepts: log ``config.reloaded`` (``duration_ms``: HUP to
+        accepting), run *before_ready* (a re-exec'd master writes its buffered events
+        there: see :class:`preforkd.log.EventLog`'s defer), then tell systemd."""
         duration = None if self.began is None else round((time.monotonic() - self.began) * 1000, 1)
         self.logger.info("config.reloaded", generation=generation, duration_ms=duration, reload_seq=self.seq)
         self.state = ReloadState.OK
         self.counters.reload_ended("ok")
+        before_ready()
         self.notifier.ready(f"reloaded: generation {generation}")
 
     def abort(self) -> None:
@@ -187,6 +192,8 @@ class Reloader:
             return
         argv = [sys.executable, "-m", "preforkd", "check"] + (["-c", path] if path else [])
         env = dict(os.environ, **reexec.config_env(self._text), **{reexec.VERSION_PROBE_ENV: "1"})
+        import subprocess  # only when reloading: a re-exec'd master starts faster without it
+
         try:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, close_fds=True, env=env)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
@@ -101,6 +100,8 @@ class CommandService:
             env["PROTO"] = "UNIX"
         sock.settimeout(None)
         fd = sock.fileno()
+        import subprocess  # here: only command services need it (a master starts faster without)
+
         try:
             proc = subprocess.Popen(argv, stdin=fd, stdout=fd, close_fds=True, env=env, cwd="/",
                                     start_new_session=True, restore_signals=True)

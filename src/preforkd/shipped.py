@@ -9,9 +9,10 @@ checkout (``pip install -e``), it reads the source tree's files.
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-from typing import Dict, Tuple
+from typing import TYPE_CHECKING, Dict, Tuple
+
+if TYPE_CHECKING:  # imported when used: every start of preforkd imports this module
+    from pathlib import Path
 
 #: The names ``preforkd sample-config`` accepts, the default first.
 SAMPLE_FILES: Tuple[str, ...] = ("preforkd.toml", "preforkd.service", "preforkd.socket")
@@ -26,6 +27,9 @@ def shipped_path(name: str) -> Path:
     :raises KeyError: for another name.
     :raises FileNotFoundError: when neither has it (a broken installation).
     """
+    from importlib import resources
+    from pathlib import Path
+
     directory = _DIRECTORY[name]
     installed = resources.files("preforkd").joinpath(f"_{directory}").joinpath(name)
     if installed.is_file():

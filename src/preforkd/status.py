@@ -7,12 +7,14 @@ it as it is.
 from __future__ import annotations
 
 import time
-from typing import Any, Dict, Iterable, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional
 
 from .counters import Counters
 from .listeners import Listener, queue_stats
-from .pool import Pool, WorkerInfo
 from .scoreboard import Scoreboard
+
+if TYPE_CHECKING:  # pragma: no cover - the CLI imports this module for plural() alone
+    from .pool import Pool, WorkerInfo
 
 
 def document(*, pid: int, state: str, generation: int, started_wall: float, config: str, pidfile: str,

@@ -185,7 +185,7 @@ class Worker:
         if env.access_log:
             self.access = self.logger.hot("connection.closed", HOT_BUFFER)
         set_title(f"preforkd: worker {self.service.name}#{spec.number}")
-        drop_privileges(env.credentials)
+        env.credentials.assume()
         _set_pdeathsig(signal.SIGTERM)
         if self.command is not None:
             # Whatever the program starts and leaves behind (even in a session of its
@@ -496,20 +496,6 @@ def _set_child_subreaper() -> None:
     descendants are re-parented to this process instead of init."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def drop_privileges(creds: Credentials) -> None:
-    """setgid, initgroups/setgroups, setuid (in that order: credentials(7)); only as root."""
-    if os.geteuid() != 0:
-        return
-    if creds.gid is not None:
-        os.setgid(creds.gid)
-        if creds.user:
-            os.initgroups(creds.user, creds.gid)
-        else:
-            os.setgroups([creds.gid])
-    if creds.uid is not None:
-        os.setuid(creds.uid)
 
 
 def _drain(fd: int) -> None:
