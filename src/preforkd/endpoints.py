@@ -24,10 +24,11 @@ Limits, each a constructor argument:
   (silent, trickling, not reading); then it is dropped.
 * ``max_request``: bytes of request; a longer one gets the *overflow* reply.
 * ``max_clients``: clients held at once. At the limit, a new connection waiting in the
-  accept queue displaces the client that has been *reading* the longest (a half-open
-  connection that never completes its request, slowloris-style); when every held
-  client is past its request (being answered), the endpoint stops accepting until one
-  leaves, and the kernel's accept queue holds the rest.
+  accept queue displaces the oldest client that already has its whole reply and is only
+  being waited on to close (it has nothing more to get), else the client that has been
+  *reading* the longest (a half-open connection that never completes its request,
+  slowloris-style); when every held client is still being written to, the endpoint
+  stops accepting until one leaves, and the kernel's accept queue holds the rest.
 * Out of descriptors (``EMFILE``, ``ENFILE``) or memory (``ENOBUFS``, ``ENOMEM``) at
   ``accept``: the listener is taken out of the selector for :data:`ACCEPT_BACKOFF`
   seconds, so the master never spins on a listener that stays readable
@@ -140,7 +141,7 @@ class Endpoint:
             self._drop(client)
         if self.resume_at is not None and now >= self.resume_at:
             self.resume_at = None
-            self._accept(len(self.clients) < self.max_clients or self._oldest_reader() is not None)
+            self._accept(len(self.clients) < self.max_clients or self._victim() is not None)
 
     def deadline(self) -> Optional[float]:
         """The monotonic time at which :meth:`tick` next has work, if any."""
@@ -175,16 +176,21 @@ class Endpoint:
         except (KeyError, ValueError, OSError):  # closed underneath us (stopping)
             self.accepting = False
 
-    def _oldest_reader(self) -> Optional[_Client]:
-        readers = [c for c in self.clients.values() if c.phase == _READING]
-        return min(readers, key=lambda c: c.accepted) if readers else None
+    def _victim(self) -> Optional[_Client]:
+        """The client a new connection displaces at the limit: the oldest one that has
+        its whole reply (lingering), else the one reading its request the longest."""
+        for phase in (_LINGERING, _READING):
+            held = [c for c in self.clients.values() if c.phase == phase]
+            if held:
+                return min(held, key=lambda c: c.accepted)
+        return None
 
     def _on_acceptable(self, _mask: int) -> None:
         now = time.monotonic()
         for _ in range(self.accept_batch):
             if len(self.clients) >= self.max_clients:
-                victim = self._oldest_reader()
-                if victim is None:  # everyone is being answered: let the kernel queue the rest
+                victim = self._victim()
+                if victim is None:  # everyone is being written to: let the kernel queue the rest
                     self._accept(False)
                     return
                 try:
@@ -194,7 +200,7 @@ class Endpoint:
                 except OSError as exc:
                     self._accept_failed(exc, now)
                     return
-                self._drop(victim)  # a waiting connection displaces the longest-reading client
+                self._drop(victim)  # a waiting connection displaces an answered or long-reading client
             else:
                 try:
                     conn, _ = self.listener.sock.accept()
@@ -291,6 +297,8 @@ class Endpoint:
         client.phase = _LINGERING
         client.sock.shutdown(socket.SHUT_WR)
         self._watch(client, selectors.EVENT_READ)
+        if not self.accepting and self.resume_at is None:
+            self._accept(True)  # a new connection may displace it now
 
     def _linger(self, client: _Client) -> None:
         data = client.sock.recv(4096)
