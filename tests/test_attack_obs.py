@@ -5,11 +5,13 @@ Prometheus operator takes for granted, checked against the real supervisor."""
 from __future__ import annotations
 
 import http.client
+import os
 import socket
+import threading
 import time
 from typing import List, Tuple
 
-from conftest import recv_all
+from conftest import recv_all, run_cli
 
 ENDPOINTS = '''
 [supervisor]
@@ -66,3 +68,43 @@ def test_answered_clients_that_stay_open_do_not_lock_out_a_scrape_or_the_agent(s
     finally:
         for s in held:
             s.close()
+
+
+def test_a_reply_that_is_not_a_whole_status_document_never_gives_a_traceback(supervisor):
+    """Something else answering at the control socket's path (another program's socket, a
+    master of another version) with JSON that is not this version's status document:
+    ``status``, ``top`` and ``reload`` say so in one line, never a traceback."""
+    sv = supervisor(ENDPOINTS)
+    sock = sv.config.parent / "run" / "preforkd.sock"
+    real = sock.with_name("real.sock")
+    os.rename(sock, real)
+    fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fake.bind(str(sock))
+    fake.listen(16)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = fake.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(100)
+                conn.sendall(b'{"pid": 1, "state": "running"}\n')
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        for args in (("status",), ("top", "--iterations", "1"), ("reload", "--timeout", "5")):
+            res = run_cli(*args, "-c", str(sv.config))
+            assert "Traceback" not in res.stderr, (args, res.stderr)
+            assert res.returncode != 0 or "status" in args, (args, res)
+            assert len(res.stderr.strip().splitlines()) <= 1, (args, res.stderr)
+        res = run_cli("status", "-c", str(sv.config))
+        assert f"pid {sv.pid}" in res.stdout and "not a status document" in res.stdout, res.stdout
+    finally:
+        stop.set()
+        fake.close()
+        os.unlink(sock)
+        os.rename(real, sock)

@@ -441,7 +441,7 @@ def _status(inv: Invocation) -> int:
         return EXIT_UNKNOWN
     try:
         st = query_status(config.supervisor.control_socket)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as why:
         try:
             pid = _master_pid(config)
         except NotFound as exc:
@@ -454,11 +454,12 @@ def _status(inv: Invocation) -> int:
             else:
                 print(f"preforkd: not running ({_looked_at(config)})")
             return EXIT_NOT_RUNNING
+        reason = str(why) if isinstance(why, ValueError) else (why.strerror or str(why))
         if args.json:
-            print(json.dumps({"running": True, "pid": pid, "error": "control socket not answering"}))
+            print(json.dumps({"running": True, "pid": pid, "error": f"control socket not answering: {reason}"}))
         else:
             print(f"preforkd: running as pid {pid}, but the control socket "
-                  f"{config.supervisor.control_socket} does not answer")
+                  f"{config.supervisor.control_socket} does not answer ({reason})")
         return EXIT_OK
     if args.json:
         print(json.dumps(dict(st, running=True), indent=2))

@@ -188,13 +188,51 @@ def query(path: str, command: str = "status", timeout: float = 5.0) -> str:
     return b"".join(chunks).decode("utf-8").strip()
 
 
+#: What the command line reads of a status document (``status``, ``top``, ``reload``):
+#: its keys and their types, at the top, in ``reload``, per service, per listener and
+#: per worker; more keys are fine, a missing or mistyped one makes it no status document.
+_NUMBER = (int, float)
+_OPTIONAL_STR = (str, type(None))
+_OPTIONAL_LIST = (list, type(None))
+_DOCUMENT = {"pid": int, "state": str, "generation": int, "uptime": _NUMBER, "config": str, "reload": dict,
+             "services": list}
+_RELOAD = {"seq": int, "state": str}
+_SERVICE = {"name": str, "handler": _OPTIONAL_STR, "command": _OPTIONAL_LIST, "listeners": list, "workers": list}
+_LISTENER = {"address": str}
+_WORKER = {"pid": int, "number": int, "generation": int, "state": str, "connections": int}
+
+
+def _check_keys(what: str, item: Any, keys: Dict[str, Any]) -> None:
+    if not isinstance(item, dict):
+        raise ValueError(f"not a status document ({what} is not an object)")
+    for key, types in keys.items():
+        if key not in item:
+            raise ValueError(f"not a status document (no {what}.{key})")
+        if not isinstance(item[key], types) or isinstance(item[key], bool):
+            raise ValueError(f"not a status document ({what}.{key} is {type(item[key]).__name__})")
+
+
+def check_status(doc: Any) -> Dict[str, Any]:
+    """*doc* if it has what the command line reads of a status document.
+
+    :raises ValueError: saying what is missing (another program's reply, or a master
+        of another version).
+    """
+    _check_keys("status", doc, _DOCUMENT)
+    _check_keys("reload", doc["reload"], _RELOAD)
+    for svc in doc["services"]:
+        _check_keys("service", svc, _SERVICE)
+        for lst in svc["listeners"]:
+            _check_keys("listener", lst, _LISTENER)
+        for worker in svc["workers"]:
+            _check_keys("worker", worker, _WORKER)
+    return dict(doc)
+
+
 def query_status(path: str, timeout: float = 5.0) -> Dict[str, Any]:
     """The master's status document.
 
     :raises OSError: nothing answers at *path*.
-    :raises ValueError: the reply is not a status document.
+    :raises ValueError: the reply is not a status document (:func:`check_status`).
     """
-    reply = json.loads(query(path, "status", timeout))
-    if not isinstance(reply, dict) or "pid" not in reply:
-        raise ValueError(f"unexpected reply from {path}")
-    return reply
+    return check_status(json.loads(query(path, "status", timeout)))
