@@ -11,7 +11,7 @@ import threading
 import time
 from typing import List, Tuple
 
-from conftest import recv_all, run_cli
+from conftest import recv_all, run_cli, wait_for
 
 ENDPOINTS = '''
 [supervisor]
@@ -108,3 +108,79 @@ def test_a_reply_that_is_not_a_whole_status_document_never_gives_a_traceback(sup
         fake.close()
         os.unlink(sock)
         os.rename(real, sock)
+
+
+PROXIED = '''
+[log]
+format = "json"
+level = "info"
+access = true
+
+[[service]]
+name = "one"
+listen = ["tcp://127.0.0.1:0"]
+workers = 1
+proxy_protocol = true
+
+[[service]]
+name = "many"
+listen = ["tcp://127.0.0.1:0"]
+workers = 1
+worker_connections = 4
+proxy_protocol = true
+
+[[service]]
+name = "one_untrusted"
+listen = ["tcp://127.0.0.1:0"]
+workers = 1
+proxy_protocol = true
+proxy_trusted = ["192.0.2.0/24"]
+
+[[service]]
+name = "many_untrusted"
+listen = ["tcp://127.0.0.1:0"]
+workers = 1
+worker_connections = 4
+proxy_protocol = true
+proxy_trusted = ["192.0.2.0/24"]
+'''
+
+
+def dropped(s: socket.socket) -> bool:
+    """Closed by the other end without a reply (end of input, or a reset)."""
+    try:
+        return recv_all(s) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_access_log_has_one_event_for_a_connection_the_proxy_gate_rejected(supervisor):
+    """``[log] access``: every connection ends with one ``connection.closed``, those the
+    PROXY protocol gate dropped included (reason ``proxy_rejected``, the real peer), in
+    both worker kinds; before, the one-connection worker logged nothing for them and the
+    event-driven one said ``client_closed``."""
+    sv = supervisor(PROXIED)
+    for name in ("one", "many"):
+        addr = sv.tcp(name)
+        with socket.create_connection(addr, timeout=10) as s:
+            s.sendall(b"PROXY TCP4 999.0.0.1 192.0.2.1 1 2\r\nhello\n")
+            port = s.getsockname()[1]
+            assert dropped(s)
+        with socket.create_connection(addr, timeout=10) as s:
+            s.sendall(b"PROXY TCP4 203.0.113.9 192.0.2.1 4000 7000\r\nhello\n")
+            assert s.recv(100) == b"hello\r\n"
+        wait_for(lambda n=name: len(sv.log.find("connection.closed", service=n)) >= 2,
+                 message=f"two connection.closed of {name}")
+        events = sv.log.find("connection.closed", service=name)
+        rejected = [e for e in events if e["reason"] == "proxy_rejected"]
+        assert len(rejected) == 1 and rejected[0]["peer"] == f"127.0.0.1:{port}", events
+        assert rejected[0]["lines"] == 0 and rejected[0]["bytes_out"] == 0, rejected
+        assert [e["peer"] for e in events if e is not rejected[0]] == ["203.0.113.9:4000"], events
+    for name in ("one_untrusted", "many_untrusted"):
+        with socket.create_connection(sv.tcp(name), timeout=10) as s:
+            s.sendall(b"PROXY TCP4 203.0.113.9 192.0.2.1 4000 7000\r\nhello\n")
+            assert dropped(s)
+        ev = sv.wait_event("connection.closed", service=name)
+        assert ev["reason"] == "proxy_rejected" and ev["peer"].startswith("127.0.0.1:"), ev
+    wait_for(lambda: len(sv.log.find("proxy.rejected")) == 4, message="four proxy.rejected")
+    assert sum(len(sv.log.find("connection.closed", service=n)) for n in ("one", "many")) == 4

@@ -59,7 +59,7 @@ from .protocol import (
     ProtocolError,
     encode_reply,
 )
-from .proxyproto import ProxyError, parse
+from .proxyproto import ProxyError, format_peer, parse
 from .scoreboard import ACTIVE, ERROR_CELL, HEARTBEAT, SERVED, STATE, State
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -231,6 +231,12 @@ class EventServer:
         finally:
             self.cells[STATE] = State.STOPPING
 
+    def flush_soon(self) -> None:
+        """Write the access log lines within HOT_FLUSH seconds (one timer at a time)."""
+        if not self.flush_pending:
+            self.flush_pending = True
+            self.loop.call_later(HOT_FLUSH, self.flush_access)
+
     def flush_access(self) -> None:
         """Write the buffered access log lines (one ``write``)."""
         self.flush_pending = False
@@ -296,6 +302,10 @@ class EventServer:
                 return
             if self.gate is not None and not self.gate.trusts(addr):
                 self.gate.reject(addr, "peer not in proxy_trusted")
+                if self.access is not None:  # [log] access: this connection's one event
+                    self.access(peer=format_peer(addr), duration_ms=0.0, lines=0, bytes_in=0, bytes_out=0,
+                                reason="proxy_rejected")
+                    self.flush_soon()
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -801,9 +811,7 @@ class CountingLineConnection(LineConnection):
         server.access(peer=self.peer, duration_ms=round((server.loop.time() - self._opened_at) * 1000, 3),
                       lines=self.lines, bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                       reason=self.reason or "client_closed")
-        if not server.flush_pending:
-            server.flush_pending = True
-            server.loop.call_later(HOT_FLUSH, server.flush_access)
+        server.flush_soon()
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closing:
@@ -834,6 +842,10 @@ class CountingLineConnection(LineConnection):
     def _begin_linger(self) -> None:
         self.reason = self.reason or "server_closed"
         super()._begin_linger()
+
+    def _reject_header(self, reason: str) -> None:
+        self.reason = self.reason or "proxy_rejected"
+        super()._reject_header(reason)
 
 
 async def _quietly(awaitable: Any) -> None:

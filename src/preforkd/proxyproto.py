@@ -38,8 +38,8 @@ import struct
 import time
 from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
-from .listeners import PROXY_HEADER_TIMEOUT
-from .log import Logger
+from .listeners import PROXY_HEADER_TIMEOUT, tcp_byte_counts
+from .log import HotEvent, Logger
 
 #: Version 2's 12-byte signature (section 2.2).
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -352,16 +352,28 @@ class ProxyGate:
             return addr, None
         return header.source, header.dest
 
-    def wrap(self, serve_one: Callable[..., Any], with_local: bool) -> Callable[[socket.socket, Any], Any]:
+    def wrap(self, serve_one: Callable[..., Any], with_local: bool,
+             access: Optional[HotEvent] = None) -> Callable[[socket.socket, Any], Any]:
         """*serve_one* ``(sock, addr)`` behind this gate; *with_local*: also pass the
         header's destination as a third argument (a ``command`` service's
         ``TCPLOCALIP``), ``None`` when the header has none. Returns what *serve_one*
-        returns (how the connection ended), or ``"proxy_rejected"``."""
+        returns (how the connection ended), or ``"proxy_rejected"``.
+
+        :param access: the access log (``[log] access``): a rejected connection gets its
+            ``connection.closed`` here (reason ``proxy_rejected``, the real peer, the
+            kernel's byte counts as for a ``command`` service), as *serve_one* logs the
+            others."""
         admit = self.admit
 
         def serve(sock: socket.socket, addr: Any) -> Any:
+            started = time.monotonic()
             admitted = admit(sock, addr)
             if admitted is None:
+                if access is not None:
+                    counts = tcp_byte_counts(sock)
+                    access(peer=format_peer(addr), duration_ms=round((time.monotonic() - started) * 1000, 3),
+                           lines=None if with_local else 0, bytes_in=counts[0] if counts else None,
+                           bytes_out=counts[1] if counts else None, reason="proxy_rejected")
                 return "proxy_rejected"
             if with_local:
                 return serve_one(sock, admitted[0], admitted[1])

@@ -264,7 +264,7 @@ class Worker:
                                               cells=self.spec.cells if self.service.timeout else None,
                                               counters=self.spec.cells, access=self.access)
             if self.service.proxy_protocol:
-                serve_one = self.proxy_gate().wrap(serve_one, with_local=self.command is not None)
+                serve_one = self.proxy_gate().wrap(serve_one, with_local=self.command is not None, access=self.access)
             poller.register(sock.fileno(), select.EPOLLIN | exclusive)
             servers[sock.fileno()] = (sock, serve_one)
         poller.register(self.env.alive_fd, select.EPOLLIN)
