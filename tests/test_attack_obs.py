@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import signal
 import socket
 import threading
 import time
@@ -184,3 +185,18 @@ def test_access_log_has_one_event_for_a_connection_the_proxy_gate_rejected(super
         assert ev["reason"] == "proxy_rejected" and ev["peer"].startswith("127.0.0.1:"), ev
     wait_for(lambda: len(sv.log.find("proxy.rejected")) == 4, message="four proxy.rejected")
     assert sum(len(sv.log.find("connection.closed", service=n)) for n in ("one", "many")) == 4
+
+
+def test_reload_while_the_supervisor_drains_to_stop_fails_at_once(supervisor):
+    """``preforkd reload`` during TERM's ``drain_delay`` (no reload is started while
+    draining, docs/scale-out.md) says so at once instead of waiting out its timeout
+    (60 s by default: a ``systemctl reload`` hanging for a minute)."""
+    sv = supervisor(ENDPOINTS.replace("graceful_timeout = 10", "graceful_timeout = 10\ndrain_delay = 30"))
+    sv.signal(signal.SIGTERM)
+    sv.wait_event("supervisor.draining", reason="SIGTERM")
+    began = time.monotonic()
+    res = run_cli("reload", "--timeout", "20", "-c", str(sv.config))
+    took = time.monotonic() - began
+    assert res.returncode == 1 and "stopping" in res.stderr, res
+    assert took < 10, f"reload waited {took:.1f} s"
+    assert sv.status()["state"] == "draining"  # and the drain goes on

@@ -367,6 +367,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
+#: Master states in which a HUP starts no reload: a TERM's ``drain_delay``, the stop.
+_NO_RELOAD = ("draining", "stopping")
+
+
 def _reload(inv: Invocation) -> int:
     from .control import query_status
 
@@ -382,6 +386,9 @@ def _reload(inv: Invocation) -> int:
     except (OSError, ValueError) as exc:
         print(f"preforkd: cannot read status from {sock}: {exc}", file=sys.stderr)
         return EXIT_FAIL
+    if before["state"] in _NO_RELOAD:  # the master would keep the HUP until it exits
+        print(f"preforkd: the supervisor is stopping ({before['state']}); not reloading", file=sys.stderr)
+        return EXIT_FAIL
     seq0 = int(before["reload"]["seq"])
     try:
         _, pidfd = _signal_master(config, signal.SIGHUP)
@@ -396,7 +403,15 @@ def _reload(inv: Invocation) -> int:
         try:
             st = query_status(sock, timeout=2.0)
         except (OSError, ValueError):
+            try:
+                _master_pid(config)  # the pidfile's lock is held across the re-exec
+            except NotFound:
+                print("preforkd: the supervisor exited before the reload finished", file=sys.stderr)
+                return EXIT_FAIL
             continue  # between images, or busy
+        if st["state"] in _NO_RELOAD:
+            print(f"preforkd: the supervisor began stopping ({st['state']}); not reloaded", file=sys.stderr)
+            return EXIT_FAIL
         rel = st["reload"]
         if int(rel["seq"]) > seq0 and rel["state"] in ("ok", "failed"):
             if rel["state"] == "ok" and st["state"] == "running":
