@@ -53,6 +53,17 @@ def assert_one_line_error(res, cfg, *fragments):
     (GOOD_SERVICE + GOOD_SERVICE, ["service[1].name", "duplicate service name"]),
     (GOOD_SERVICE.replace(":0", ":7700") + GOOD_SERVICE.replace('"echo"', '"b"').replace(":0", ":7700"),
      ["service[1].listen[0]", "already used by service[0]"]),
+    # the same port on the wildcard and on one address, or under a name: bind would fail
+    (GOOD_SERVICE.replace(":0", ":7700")
+     + GOOD_SERVICE.replace('"echo"', '"b"').replace("127.0.0.1:0", "0.0.0.0:7700"),
+     ["service[1].listen[0]", "tcp://0.0.0.0:7700 overlaps tcp://127.0.0.1:7700 of service[0]"]),
+    (GOOD_SERVICE.replace(":0", ":7700") + GOOD_SERVICE.replace('"echo"', '"b"').replace("127.0.0.1:0", "*:7700"),
+     ["service[1].listen[0]", "overlaps"]),
+    (GOOD_SERVICE.replace(":0", ":7700")
+     + GOOD_SERVICE.replace('"echo"', '"b"').replace("127.0.0.1:0", "localhost:7700"),
+     ["service[1].listen[0]", "tcp://localhost:7700 overlaps tcp://127.0.0.1:7700"]),
+    ('[metrics]\nlisten = "tcp://0.0.0.0:7700"\n' + GOOD_SERVICE.replace(":0", ":7700"),
+     ["service[0].listen[0]", "overlaps tcp://0.0.0.0:7700 of metrics.listen"]),
     (GOOD_SERVICE + 'handler = "no_such_module_xyz:handle"\n',
      ["service[0].handler", "cannot import no_such_module_xyz"]),
     (GOOD_SERVICE + 'handler = "preforkd.services:nope"\n', ["service[0].handler", "has no attribute nope"]),
@@ -100,6 +111,17 @@ def assert_one_line_error(res, cfg, *fragments):
 def test_mistakes_are_one_line_with_key_path(tmp_path, body, fragments):
     res, cfg = check(tmp_path, body)
     assert_one_line_error(res, cfg, *fragments)
+
+
+@pytest.mark.parametrize("first, second", [("0.0.0.0:7700", "tcp://[::]:7700"),
+                                           ("127.0.0.1:7700", "tcp://127.0.0.2:7700"),
+                                           ("0.0.0.0:7700", "tcp://0.0.0.0:7701")])
+def test_the_same_port_on_other_addresses_or_families_is_not_a_clash(tmp_path, first, second):
+    # IPv6 listeners are IPV6_V6ONLY, so [::]:P and 0.0.0.0:P bind side by side
+    body = (GOOD_SERVICE.replace("127.0.0.1:0", first)
+            + GOOD_SERVICE.replace('"echo"', '"b"').replace("tcp://127.0.0.1:0", second))
+    res, _ = check(tmp_path, body)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_handler_raising_at_import_is_a_config_error(tmp_path):

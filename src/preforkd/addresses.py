@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -41,6 +42,33 @@ class Address:
         if self.port == 0:
             return None
         return ("tcp", self.host, self.port)
+
+    def overlaps(self, other: Address) -> bool:
+        """Whether binding both would fail with "address in use": the same Unix path, or
+        TCP on the same non-zero port in the same family where the addresses are equal or
+        either is the wildcard (``0.0.0.0``, ``::``). Host names are resolved as
+        :func:`preforkd.listeners.bind` resolves them (the first address wins); a name that
+        does not resolve overlaps nothing here (binding it reports the error)."""
+        mine, theirs = self.identity(), other.identity()
+        if mine is None or theirs is None or mine[0] != theirs[0] or mine[2] != theirs[2]:
+            return False
+        if mine == theirs or self.kind == "unix":
+            return mine == theirs
+        a, b = self._bind_ip(), other._bind_ip()
+        if a is None or b is None or a.version != b.version:
+            return False
+        return a == b or a.is_unspecified or b.is_unspecified
+
+    def _bind_ip(self) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        try:
+            return ipaddress.ip_address(self.host)
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(self.host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            return ipaddress.ip_address(str(infos[0][4][0]).partition("%")[0])
+        except (OSError, IndexError, ValueError):
+            return None
 
 
 def parse_address(text: str, base_dir: str = ".") -> Address:

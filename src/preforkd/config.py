@@ -436,10 +436,19 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
         raise v.fail("service", "at least one [[service]] is required")
     services = []
     names: Dict[str, int] = {}
-    addresses: Dict[Tuple[str, str, int], str] = {}
-    metrics_key = metrics.listen.identity() if metrics.listen is not None else None
-    if metrics_key is not None:
-        addresses[metrics_key] = "metrics.listen"
+    claimed: List[Tuple[Address, str]] = []  # every fixed address so far, with where it is configured
+
+    def claim(addr: Optional[Address], where: str, label: str) -> None:
+        if addr is None:
+            return
+        for other, owner in claimed:
+            if addr.overlaps(other):
+                same = addr.identity() == other.identity()
+                raise v.fail(where, f"{addr} is already used by {owner}" if same
+                             else f"{addr} overlaps {other} of {owner} (the same port on a wildcard address)")
+        claimed.append((addr, label))
+
+    claim(metrics.listen, "metrics.listen", "metrics.listen")
     for index, raw in enumerate(raw_services):
         kp = f"service[{index}]"
         svc = _service(v, raw, kp)
@@ -447,18 +456,9 @@ def build_config(data: Dict[str, Any], source: str, base_dir: str, abspath: str)
             raise v.fail(f"{kp}.name", f'duplicate service name "{svc.name}" (also service[{names[svc.name]}])')
         names[svc.name] = index
         for j, addr in enumerate(svc.listen):
-            key = addr.identity()
-            if key is None:
-                continue
-            if key in addresses:
-                other = addresses[key]
-                raise v.fail(f"{kp}.listen[{j}]", f"{addr} is already used by {other}")
-            addresses[key] = f"{kp}.listen[{j}] ({svc.name})"
+            claim(addr, f"{kp}.listen[{j}]", f"{kp}.listen[{j}] ({svc.name})")
         services.append(svc)
-    agent = supervisor.agent_check
-    agent_key = agent.identity() if agent is not None else None
-    if agent_key is not None and agent_key in addresses:
-        raise v.fail("supervisor.agent_check", f"{agent} is already used by {addresses[agent_key]}")
+    claim(supervisor.agent_check, "supervisor.agent_check", "supervisor.agent_check")
     _check_own_files(v, supervisor, log, services)
 
     return Config(path=abspath, supervisor=supervisor, log=log, services=tuple(services), metrics=metrics)
