@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import psutil
 import pytest
@@ -22,6 +23,10 @@ def big(line):
 async def abig(line):
     await asyncio.sleep(0)
     return line + " " + "x" * 4000
+
+def huge(line):
+    reply = "z" * 20_000_000
+    return preforkd.Close(reply) if line == "close" else reply
 
 class Hoarder(preforkd.LineHandler):
     """Never paused for writing: what it writes stays queued in user space."""
@@ -118,3 +123,24 @@ def test_a_half_closed_client_that_reads_nothing_is_dropped_at_idle_timeout(star
         wait_for(lambda: sv.status()["services"][0]["pool"]["connections"] == 0, timeout=15,
                  message="the connection gone")
     assert [ev["error"] for ev in sv.log.find("connection.idle_timeout")] == ["client stopped reading"]
+
+
+@pytest.mark.parametrize("line", [b"close", b"keep"])
+def test_a_slow_but_steady_reader_gets_a_reply_longer_than_idle_timeout_whole(start, line):
+    """20 MB read at a few MB/s take several times idle_timeout (1 s): the client keeps
+    reading, so it is not "stopped reading" (that was decided from when the output was
+    first paused, not from progress); a final reply (``Close``) is not cut when the
+    lingering close's 0.5 s run out (it was, at ~5.7 MB)."""
+    sv = start("hostile:huge", idle_timeout=1)
+    with connect(sv.tcp("svc"), timeout=30) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(line + b"\n")
+        got = 0
+        while got < 20_000_002:
+            chunk = s.recv(262144)
+            if not chunk:
+                break
+            got += len(chunk)
+            time.sleep(0.02)  # pacing: a slow reader (~4 s for the lot), not synchronisation
+    assert got >= 20_000_002  # "keep" may then get its idle timeout's error line
+    assert not sv.log.find("connection.idle_timeout", error="client stopped reading")

@@ -589,13 +589,16 @@ class LineConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The client reads slower than we write: stop reading it until it catches up."""
-        self._write_paused_at = self.server.loop.time()
+        self._write_paused_at = self._drain_since = self.server.loop.time()
         if self.transport is not None:
+            self._drain_left = self.transport.get_write_buffer_size()
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         """The client has read enough: answer the lines that waited, then read again."""
         self._write_paused_at = 0.0
+        self._drain_left = -1
+        self.last_input = self.server.loop.time()  # its silence counts from when it has read our replies
         if self.transport is None or self._task is not None or self._closing:
             return
         if self._lines:
@@ -739,41 +742,41 @@ class LineConnection(asyncio.Protocol):
 
     def check_timeouts(self, now: float, idle: float, line: float) -> None:
         """Called by the sweep: end the connection when its partial line has taken longer
-        than *line* seconds, or it has been silent (or not reading) for *idle* seconds; a
-        connection being closed, when its client has not taken any of the replies still
-        unsent for *idle* seconds."""
+        than *line* seconds, or it has been silent for *idle* seconds, or (paused on its
+        output, or being closed with replies still unsent) it has read none of them for
+        *idle* seconds: then they are dropped with the connection (no error reply: it
+        would not be read)."""
         if self._task is not None:
             return
         transport = self.transport
-        if self._closing or (transport is not None and transport.is_closing()):
-            if transport is not None:
-                self._check_drain(transport, now, idle)
+        if transport is None:
+            return
+        closing = self._closing or transport.is_closing()
+        if closing or self._write_paused_at:
+            if self._stalled(transport.get_write_buffer_size(), now, idle):
+                self._note(IdleTimeout("client stopped reading"))
+                transport.abort()
             return
         if self._header is not None:
             gate = self.server.gate
             if gate is not None and now - self._accepted >= gate.timeout:
                 self._reject_header(f"no complete header within {gate.timeout:g} s")
             return
-        if self._write_paused_at:  # we stopped reading it: only its not reading counts
-            if now - self._write_paused_at >= idle:
-                self._protocol_error(IdleTimeout("client stopped reading"))
-        elif self._line_started and now - self._line_started >= line:
+        if self._line_started and now - self._line_started >= line:
             self._protocol_error(LineTimeout(f"no whole line within {line:g} s"))
         elif now - self.last_input >= idle:
             self._protocol_error(IdleTimeout(f"no input for {idle:g} s"))
 
-    def _check_drain(self, transport: asyncio.Transport, now: float, idle: float) -> None:
-        """A closing connection's replies still unsent: once they have not moved for
-        *idle* seconds (a client that half-closed, or whose lingering close outlasted its
-        last reply, and reads nothing), drop them and the connection."""
-        left = transport.get_write_buffer_size()
+    def _stalled(self, left: int, now: float, idle: float) -> bool:
+        """Has the client read none of our *left* unsent bytes for *idle* seconds? Progress
+        is the unsent bytes going down (a handler writing more is not the client's)."""
         if not left:
-            return
-        if left != self._drain_left:
-            self._drain_left, self._drain_since = left, now
-        elif now - self._drain_since >= idle:
-            self._note(IdleTimeout("client stopped reading"))
-            transport.abort()
+            self._drain_left = -1
+            return False
+        if self._drain_left < 0 or left < self._drain_left:
+            self._drain_since = now
+        self._drain_left = left
+        return now - self._drain_since >= idle
 
     def _note(self, exc: ProtocolError) -> None:
         """Log and count *exc*."""
@@ -821,10 +824,7 @@ class LineConnection(asyncio.Protocol):
         stopped reading, else linger on while it reads (the sweep ends it if it stops)."""
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size():
-            if self._write_paused_at:
-                transport.abort()
-            else:
-                self.server.loop.call_later(LINGER_SECONDS, self._linger_over)
+            self.server.loop.call_later(LINGER_SECONDS, self._linger_over)
         else:
             self._close_now()
 
