@@ -70,6 +70,11 @@ if TYPE_CHECKING:  # pragma: no cover
 ACCEPT_BATCH = 64
 #: Seconds an accept that failed for want of descriptors or memory waits to retry.
 ACCEPT_BACKOFF = 0.5
+#: Bytes of replies to pipelined lines gathered before they are written: the write may
+#: find the client not reading (``pause_writing``), and then the lines still unanswered
+#: wait, unparsed, until it reads again (a client that sends much and reads nothing
+#: costs its worker this much, not a reply per line of a whole read).
+FLUSH_BYTES = 65536
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -388,6 +393,8 @@ class LineConnection(asyncio.Protocol):
         "_accepted",
         "_buf",
         "_closing",
+        "_drain_left",
+        "_drain_since",
         "_eof",
         "_header",
         "_instance",
@@ -415,6 +422,8 @@ class LineConnection(asyncio.Protocol):
         self._linger_left = LINGER_BYTES  # bytes still discarded while lingering
         self._line_started = 0.0
         self._write_paused_at = 0.0
+        self._drain_left = -1  # bytes unsent when a closing connection's draining last moved
+        self._drain_since = 0.0
         self._lines: Optional[Deque[str]] = None  # lines waiting for an awaiting handler
         self._task: Optional[asyncio.Task[None]] = None
         self._instance: Optional[LineHandler] = None
@@ -502,12 +511,20 @@ class LineConnection(asyncio.Protocol):
             if not rest or self.ending():
                 return
             data = rest
-        buf = self._buf + data if self._buf else data
+        self._lines_in(self._buf + data if self._buf else data)
+
+    data_received = _receive
+
+    def _lines_in(self, buf: bytes) -> None:
+        """Handle the whole lines in *buf* (what was left over, and what just came) and
+        keep the rest: a partial line, or, when the client stopped reading our replies
+        (``pause_writing``), the lines not handled yet (:meth:`resume_writing` goes on)."""
         limit = self.server.service.max_line_length
         out: List[bytes] = []
+        size = 0
         pos = 0
         find = buf.find
-        while not self.ending():
+        while not self.ending() and not self._write_paused_at:
             i = find(b"\n", pos)
             if i < 0:
                 break
@@ -526,11 +543,16 @@ class LineConnection(asyncio.Protocol):
             if self._task is not None or self.server.handler.is_async:
                 self._queue(line)
             else:
-                self._handle(out, line)
+                size += self._handle(out, line)
+                if size >= FLUSH_BYTES:
+                    self._flush(out)  # may pause writing: then the rest waits
+                    size = 0
         self._flush(out)
         if self.ending():
             return
         self._buf = buf[pos:] if pos < len(buf) else b""
+        if self._write_paused_at and b"\n" in self._buf:
+            return  # unanswered lines wait for the client to read (reading is paused)
         if self._buf:
             if len(self._buf) > limit + 1:
                 self._protocol_error(LineTooLong(limit))
@@ -539,8 +561,6 @@ class LineConnection(asyncio.Protocol):
                 self._line_started = self.last_input
         else:
             self._line_started = 0.0
-
-    data_received = _receive
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -553,8 +573,8 @@ class LineConnection(asyncio.Protocol):
             return False
         if self._buf:  # a last line without terminator counts
             self._receive(b"\n")
-        if self._task is None and not self._closing:
-            self._close_now()
+        if self._task is None and not self.ending() and not self._write_paused_at:
+            self._close_now()  # else resume_writing goes on with what is unanswered, then closes
         return True  # keep the transport for replies still being produced; we close it
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
@@ -579,13 +599,28 @@ class LineConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The client reads slower than we write: stop reading it until it catches up."""
-        self._write_paused_at = self.server.loop.time()
+        self._write_paused_at = self._drain_since = self.server.loop.time()
         if self.transport is not None:
+            self._drain_left = self.transport.get_write_buffer_size()
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        """The client has read enough: answer the lines that waited, then read again."""
         self._write_paused_at = 0.0
-        if self.transport is not None and self._task is None and not self._closing:
+        self._drain_left = -1
+        self.last_input = self.server.loop.time()  # its silence counts from when it has read our replies
+        if self.transport is None or self._task is not None or self._closing:
+            return
+        if self._lines:
+            self._start_task(self._run_async(None))
+            return
+        if b"\n" in self._buf:
+            self._lines_in(self._buf)
+            if self.ending() or self._write_paused_at:
+                return
+        if self._eof:
+            self._close_now()
+        else:
             self.transport.resume_reading()
 
     # -- the PROXY protocol header -------------------------------------------------------
@@ -622,18 +657,22 @@ class LineConnection(asyncio.Protocol):
 
     # -- lines ------------------------------------------------------------------------------
 
-    def _handle(self, out: List[bytes], line: str) -> None:
-        """Call a synchronous handler with *line*; its reply joins *out*."""
+    def _handle(self, out: List[bytes], line: str) -> int:
+        """Call a synchronous handler with *line*; its reply joins *out*. Returns the
+        reply's length in bytes."""
         try:
             reply = self._call(line)
         except Exception as exc:  # noqa: BLE001 - a handler bug costs one connection
             self._flush(out)  # what earlier lines of this batch earned still goes out
             self._handler_failed(exc)
-            return
+            return 0
         if reply.__class__ is str and "\n" not in reply and "\r" not in reply:
-            out.append(reply.encode("utf-8") + CRLF)
-        elif reply is not None:
-            self._send(out, reply)
+            data = reply.encode("utf-8") + CRLF
+            out.append(data)
+            return len(data)
+        if reply is not None:
+            return self._send(out, reply)
+        return 0
 
     def _call(self, line: str) -> Any:
         call = self.server.call_line
@@ -642,17 +681,18 @@ class LineConnection(asyncio.Protocol):
         assert self._instance is not None
         return self._instance.on_line(line)
 
-    def _send(self, out: List[bytes], reply: Reply) -> None:
+    def _send(self, out: List[bytes], reply: Reply) -> int:
         try:
             data, close = encode_reply(reply)
         except (TypeError, ValueError) as exc:
             self._flush(out)
             self._handler_failed(exc)
-            return
+            return 0
         out.append(data)
         if close:
             self._flush(out)
             self._begin_linger()
+        return len(data)
 
     def _flush(self, out: List[bytes]) -> None:
         if out and self.transport is not None:
@@ -683,7 +723,7 @@ class LineConnection(asyncio.Protocol):
                 if reply is not None:
                     self._send(out, reply)
                     self._flush(out)
-            while self._lines and not self.ending():
+            while self._lines and not self.ending() and not self._write_paused_at:  # else resume_writing goes on
                 reply = self._call(self._lines.popleft())
                 if inspect.isawaitable(reply):
                     reply = await reply
@@ -701,34 +741,60 @@ class LineConnection(asyncio.Protocol):
         self.last_input = self.server.loop.time()  # time in the handler is not the client's silence
         if self.transport is None or self._closing:
             return
+        if self._write_paused_at:
+            return  # resume_writing goes on with the lines left, if any
         if self._eof and not self._lines:
             self._close_now()  # the client is done and every line of it is answered
-        elif not self._write_paused_at:
+        else:
             self.transport.resume_reading()
 
     # -- ending -----------------------------------------------------------------------------
 
     def check_timeouts(self, now: float, idle: float, line: float) -> None:
         """Called by the sweep: end the connection when its partial line has taken longer
-        than *line* seconds, or it has been silent (or not reading) for *idle* seconds."""
-        if self._closing or self._task is not None:
+        than *line* seconds, or it has been silent for *idle* seconds, or (paused on its
+        output, or being closed with replies still unsent) it has read none of them for
+        *idle* seconds: then they are dropped with the connection (no error reply: it
+        would not be read)."""
+        if self._task is not None:
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        closing = self._closing or transport.is_closing()
+        if closing or self._write_paused_at:
+            if self._stalled(transport.get_write_buffer_size(), now, idle):
+                self._note(IdleTimeout("client stopped reading"))
+                transport.abort()
             return
         if self._header is not None:
             gate = self.server.gate
             if gate is not None and now - self._accepted >= gate.timeout:
                 self._reject_header(f"no complete header within {gate.timeout:g} s")
             return
-        if self._write_paused_at:  # we stopped reading it: only its not reading counts
-            if now - self._write_paused_at >= idle:
-                self._protocol_error(IdleTimeout("client stopped reading"))
-        elif self._line_started and now - self._line_started >= line:
+        if self._line_started and now - self._line_started >= line:
             self._protocol_error(LineTimeout(f"no whole line within {line:g} s"))
         elif now - self.last_input >= idle:
             self._protocol_error(IdleTimeout(f"no input for {idle:g} s"))
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
+    def _stalled(self, left: int, now: float, idle: float) -> bool:
+        """Has the client read none of our *left* unsent bytes for *idle* seconds? Progress
+        is the unsent bytes going down (a handler writing more is not the client's)."""
+        if not left:
+            self._drain_left = -1
+            return False
+        if self._drain_left < 0 or left < self._drain_left:
+            self._drain_since = now
+        self._drain_left = left
+        return now - self._drain_since >= idle
+
+    def _note(self, exc: ProtocolError) -> None:
+        """Log and count *exc*."""
         self.server.logger.warning(exc.event, peer=self.peer, error=str(exc))
         self.server.cells[ERROR_CELL[exc.reason]] += 1
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self._note(exc)
         self.write(exc.reply.encode("utf-8") + CRLF)
         self._begin_linger()
 
@@ -764,9 +830,11 @@ class LineConnection(asyncio.Protocol):
             self._linger_over()
 
     def _linger_over(self) -> None:
-        """The lingering close ran out: close, dropping what the client never read."""
-        if self.transport is not None and self.transport.get_write_buffer_size():
-            self.transport.abort()
+        """The lingering close ran out: close; drop what is still unsent if the client
+        stopped reading, else linger on while it reads (the sweep ends it if it stops)."""
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            self.server.loop.call_later(LINGER_SECONDS, self._linger_over)
         else:
             self._close_now()
 
@@ -823,17 +891,17 @@ class CountingLineConnection(LineConnection):
             self.bytes_out += sum(len(chunk) for chunk in out)
         super()._flush(out)
 
-    def _handle(self, out: List[bytes], line: str) -> None:
+    def _handle(self, out: List[bytes], line: str) -> int:
         self.lines += 1
-        super()._handle(out, line)
+        return super()._handle(out, line)
 
     def _queue(self, line: str) -> None:
         self.lines += 1
         super()._queue(line)
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
+    def _note(self, exc: ProtocolError) -> None:
         self.reason = self.reason or exc.reason
-        super()._protocol_error(exc)
+        super()._note(exc)
 
     def _handler_failed(self, exc: BaseException) -> None:
         self.reason = self.reason or "handler_error"
