@@ -75,6 +75,13 @@ ACCEPT_BACKOFF = 0.5
 #: wait, unparsed, until it reads again (a client that sends much and reads nothing
 #: costs its worker this much, not a reply per line of a whole read).
 FLUSH_BYTES = 65536
+#: Bytes asked of one ``recv`` by :class:`SocketTransport` (asyncio's transports ask
+#: 256 KiB, a buffer that malloc serves by mmap and munmap on every read).
+READ_BYTES = 65536
+#: Bytes of unsent output above which :class:`SocketTransport` pauses its protocol
+#: (``pause_writing``) and at or below which it resumes it: asyncio's defaults.
+WRITE_HIGH = 65536
+WRITE_LOW = 16384
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -184,6 +191,287 @@ def new_event_loop(kind: str, exclusive: Set[int]) -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(ExclusiveEpollSelector(exclusive))
 
 
+class SocketTransport(asyncio.Transport):
+    """A lean transport for one accepted stream socket (TCP or Unix), driven by the
+    loop's ``add_reader`` / ``add_writer`` with ``recv`` and ``send`` on the socket
+    itself: what asyncio's socket transport does for a :class:`LineConnection`, with
+    the same protocol calls in the same order (``connection_made``, ``data_received``,
+    ``eof_received``, ``pause_writing`` / ``resume_writing``, ``connection_lost``), and
+    nothing it does not need. Per connection it saves asyncio's Task
+    (``connect_accepted_socket``), a second ``setblocking``, ``TCP_NODELAY`` set again
+    (accepted sockets inherit it from the listener, :func:`preforkd.listeners.tune`),
+    ``getsockname`` / ``getpeername`` for extras nobody reads (computed on demand here),
+    and the loop iterations of ``connection_made`` and of the first ``add_reader``.
+    For asyncio's selector loop only: uvloop's ``add_reader`` drops a socket whose
+    poll reports an error (libuv's ``UV_EBADF`` on ``POLLERR``, a reset while output is
+    queued) without calling the reader, so a reset would go unseen until a timeout;
+    on uvloop, connections keep uvloop's own transports.
+
+    *sock* must be non-blocking. Output is sent at once while nothing is queued; what
+    the kernel does not take is kept (one ``bytearray``, bytes) and sent when the socket
+    is writable, the protocol paused above ``WRITE_HIGH`` queued bytes and resumed at
+    ``WRITE_LOW`` (:meth:`set_write_buffer_limits` changes both). ``close`` waits for
+    the queued bytes to be sent, ``abort`` drops them. ``connection_lost`` is called
+    once, after the socket has left the loop, then the socket is closed: at the end of
+    the read callback that ended the connection (not one loop iteration later, as
+    asyncio's ``call_soon``), else through ``call_soon``. Errors of ``recv`` / ``send``
+    end the connection with ``connection_lost(exc)``; an exception out of the protocol
+    goes to the loop's exception handler and aborts the connection, as asyncio does."""
+
+    __slots__ = (
+        "_buffer",
+        "_closing",
+        "_conn_lost",
+        "_dispatching",
+        "_eof",
+        "_fd",
+        "_high",
+        "_loop",
+        "_lost_called",
+        "_lost_pending",
+        "_low",
+        "_paused",
+        "_protocol",
+        "_protocol_paused",
+        "_reading",
+        "_sock",
+        "_writing",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, protocol: asyncio.Protocol) -> None:
+        super().__init__()
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._protocol = protocol
+        self._buffer = bytearray()  # output the kernel has not taken yet
+        self._high = WRITE_HIGH  # bytes: pause the protocol above, resume it at _low or below
+        self._low = WRITE_LOW
+        self._closing = False  # close() or abort(): no more reading
+        self._eof = False  # write_eof(): the write side is (or will be, once drained) shut down
+        self._paused = False  # pause_reading()
+        self._protocol_paused = False  # pause_writing() called, resume_writing() not yet
+        self._reading = False  # the reader is registered with the loop
+        self._writing = False  # the writer is registered with the loop
+        self._conn_lost = False  # connection_lost is due (scheduled or done)
+        self._lost_called = False
+        self._lost_pending: Tuple[Optional[Exception], ...] = ()  # (exc,): connection_lost waits for _dispatched
+        self._dispatching = True  # in connection_made or a read callback: connection_lost waits for its end
+        try:
+            protocol.connection_made(self)
+        finally:
+            self._dispatched()
+        if not self._closing and not self._paused:
+            self._reading = True
+            loop.add_reader(self._fd, self._read_ready)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def _read_ready(self) -> None:
+        try:
+            data = self._sock.recv(READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        self._dispatching = True
+        try:
+            if data:
+                self._protocol.data_received(data)
+            elif self._protocol.eof_received():
+                self._stop_reading()  # keep the connection open for replies, but stop polling an EOF
+            else:
+                self.close()
+        except Exception as exc:  # noqa: BLE001 - as asyncio: the loop's handler, then abort
+            self._fatal(exc, "protocol callback failed")
+        finally:
+            self._dispatched()
+
+    def _dispatched(self) -> None:
+        self._dispatching = False
+        if self._lost_pending:
+            exc = self._lost_pending[0]
+            self._lost_pending = ()
+            self._call_connection_lost(exc)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def is_reading(self) -> bool:
+        return not self._paused and not self._closing
+
+    def pause_reading(self) -> None:
+        if self._closing or self._paused:
+            return
+        self._paused = True
+        self._stop_reading()
+
+    def resume_reading(self) -> None:
+        if self._closing or not self._paused:
+            return
+        self._paused = False
+        if not self._reading:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    # -- writing --------------------------------------------------------------------------
+
+    def write(self, data: Any) -> None:
+        if self._eof:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        if not data or self._conn_lost:
+            return
+        if not self._buffer:
+            try:
+                n = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._force_close(exc)
+                return
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+            self._writing = True
+            self._loop.add_writer(self._fd, self._write_ready)
+        self._buffer += data
+        if not self._protocol_paused and len(self._buffer) > self._high:
+            self._pause_protocol()
+
+    def _pause_protocol(self) -> None:
+        self._protocol_paused = True
+        try:
+            self._protocol.pause_writing()
+        except Exception as exc:  # noqa: BLE001
+            self._fatal(exc, "protocol.pause_writing() failed")
+
+    def _write_ready(self) -> None:
+        if self._conn_lost:
+            return
+        try:
+            n = self._sock.send(self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._force_close(exc)
+            return
+        if n:
+            del self._buffer[:n]
+        if self._protocol_paused and len(self._buffer) <= self._low:
+            self._protocol_paused = False
+            try:
+                self._protocol.resume_writing()  # may write more, or close
+            except Exception as exc:  # noqa: BLE001
+                self._fatal(exc, "protocol.resume_writing() failed")
+                return
+        if not self._buffer and not self._conn_lost:
+            self._stop_writing()
+            if self._closing:
+                self._call_connection_lost(None)
+            elif self._eof:
+                self._sock.shutdown(socket.SHUT_WR)
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def get_write_buffer_limits(self) -> Tuple[int, int]:
+        return self._low, self._high
+
+    def set_write_buffer_limits(self, high: Optional[int] = None, low: Optional[int] = None) -> None:
+        """As asyncio's: *high* defaults to 64 KiB (or 4 * *low*), *low* to *high* / 4."""
+        if high is None:
+            high = WRITE_HIGH if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high, self._low = high, low
+        if not self._protocol_paused and len(self._buffer) > high:
+            self._pause_protocol()
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        if self._closing or self._eof:
+            return
+        self._eof = True
+        if not self._buffer:
+            self._sock.shutdown(socket.SHUT_WR)
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._stop_reading()
+        if not self._buffer:
+            self._lose(None)
+
+    def abort(self) -> None:
+        self._force_close(None)
+
+    def _fatal(self, exc: Exception, message: str) -> None:
+        self._loop.call_exception_handler({"message": message, "exception": exc, "transport": self,
+                                           "protocol": self._protocol})
+        self._force_close(exc)
+
+    def _force_close(self, exc: Optional[Exception]) -> None:
+        if self._conn_lost:
+            return
+        self._buffer.clear()
+        self._stop_writing()
+        self._closing = True
+        self._stop_reading()
+        self._lose(exc)
+
+    def _lose(self, exc: Optional[Exception]) -> None:
+        self._conn_lost = True
+        if self._dispatching:
+            self._lost_pending = (exc,)
+        else:
+            self._loop.call_soon(self._call_connection_lost, exc)
+
+    def _call_connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._lost_called:
+            return
+        self._lost_called = True
+        self._conn_lost = True
+        self._closing = True
+        self._stop_reading()
+        self._stop_writing()
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._sock.close()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """``socket``, ``sockname`` and ``peername`` (asked of the socket when asked for)."""
+        sock = self._sock
+        try:
+            if name == "socket":
+                return sock
+            if name == "sockname":
+                return sock.getsockname()
+            if name == "peername":
+                return sock.getpeername()
+        except OSError:
+            return default
+        return default
+
+
 class EventServer:
     """One event-driven worker's connections, listeners, limits and timers."""
 
@@ -200,6 +488,9 @@ class EventServer:
         self.listeners = list(worker.listeners)
         self.exclusive = {s.fileno() for s in self.listeners}
         self.loop = new_event_loop(worker.env.event_loop, self.exclusive)
+        #: Connections get a :class:`SocketTransport` (asyncio's selector loop), else the
+        #: loop's own transports through ``connect_accepted_socket`` (uvloop).
+        self.lean = isinstance(self.loop, asyncio.SelectorEventLoop)
         self.connections: Set[LineConnection] = set()
         self.accepting = False
         self.stopping = False
@@ -316,8 +607,11 @@ class EventServer:
             sock.setblocking(False)
             conn = self.connection_class(self, addr, proxied=self.gate is not None)
             self._opened(conn)
-            task = self.loop.create_task(self.loop.connect_accepted_socket(conn.itself, sock))
-            task.add_done_callback(functools.partial(self._attached, conn=conn, sock=sock))
+            if self.lean:
+                SocketTransport(self.loop, sock, conn)
+            else:
+                task = self.loop.create_task(self.loop.connect_accepted_socket(conn.itself, sock))
+                task.add_done_callback(functools.partial(self._attached, conn=conn, sock=sock))
 
     def _resume_accepting(self) -> None:
         if len(self.connections) < self.limit:
@@ -430,7 +724,7 @@ class LineConnection(asyncio.Protocol):
         self.last_input = self._accepted = server.loop.time()
 
     def itself(self) -> LineConnection:
-        """The protocol factory of this one connection."""
+        """The protocol factory of this one connection (uvloop's ``connect_accepted_socket``)."""
         return self
 
     def ending(self) -> bool:
