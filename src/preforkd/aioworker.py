@@ -805,6 +805,22 @@ class LineConnection(asyncio.Protocol):
             if not rest or self.ending():
                 return
             data = rest
+        elif (not self._buf and self._task is None and not self._write_paused_at
+              and data.find(b"\n") == len(data) - 1 and not self.server.handler.is_async):
+            # The common case, one whole line and nothing before it: what _lines_in does
+            # with it, without its loop and bookkeeping (no rest to keep, no line started).
+            end = len(data) - 2 if len(data) > 1 and data[-2] == 13 else len(data) - 1
+            if end <= self.server.service.max_line_length:
+                try:
+                    line = data[:end].decode("utf-8")
+                except UnicodeDecodeError:
+                    pass  # _lines_in replies with the error
+                else:
+                    out: List[bytes] = []
+                    self._handle(out, line)
+                    if out:
+                        self._flush(out)
+                    return
         self._lines_in(self._buf + data if self._buf else data)
 
     data_received = _receive
