@@ -201,7 +201,10 @@ class SocketTransport(asyncio.Transport):
     (``connect_accepted_socket``), a second ``setblocking``, ``TCP_NODELAY`` set again
     (accepted sockets inherit it from the listener, :func:`preforkd.listeners.tune`),
     ``getsockname`` / ``getpeername`` for extras nobody reads (computed on demand here),
-    and the loop iterations of ``connection_made`` and of the first ``add_reader``.
+    and the loop iterations of ``connection_made`` and of the first ``add_reader``; and
+    it reads at once, without waiting for the loop to say the socket is readable (a
+    client's first bytes are often in by the time it is accepted; if not, that costs
+    one ``recv`` failing with ``EAGAIN``).
     For asyncio's selector loop only: uvloop's ``add_reader`` drops a socket whose
     poll reports an error (libuv's ``UV_EBADF`` on ``POLLERR``, a reset while output is
     queued) without calling the reader, so a reset would go unseen until a timeout;
@@ -264,6 +267,7 @@ class SocketTransport(asyncio.Transport):
         if not self._closing and not self._paused:
             self._reading = True
             loop.add_reader(self._fd, self._read_ready)
+            self._read_ready()  # the client's first bytes are often in already: one wake-up less
 
     # -- reading --------------------------------------------------------------------------
 
