@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from conftest import connect, exchange, recv_all, wait_for
+from conftest import connect, exchange, recv_all, recv_until, wait_for
 
 HANDLERS = '''
 import asyncio
@@ -27,6 +27,13 @@ async def abig(line):
 def huge(line):
     reply = "z" * 20_000_000
     return preforkd.Close(reply) if line == "close" else reply
+
+class Where(preforkd.LineHandler):
+    """Replies with what its transport tells of the connection's two ends."""
+    def on_line(self, line):
+        t = self.conn.transport
+        return "%s %s %s" % (t.get_extra_info("peername")[1], t.get_extra_info("sockname")[1],
+                             t.get_write_buffer_limits()[1])
 
 class Hoarder(preforkd.LineHandler):
     """Never paused for writing: what it writes stays queued in user space."""
@@ -144,3 +151,13 @@ def test_a_slow_but_steady_reader_gets_a_reply_longer_than_idle_timeout_whole(st
             time.sleep(0.02)  # pacing: a slow reader (~4 s for the lot), not synchronisation
     assert got >= 20_000_002  # "keep" may then get its idle timeout's error line
     assert not sv.log.find("connection.idle_timeout", error="client stopped reading")
+
+
+def test_a_handler_sees_its_transport_s_ends_and_limits(start):
+    """What a handler may ask of ``self.conn.transport`` (asyncio's lean transport and
+    uvloop's alike): the peer's and our address, the write buffer limits (64 KiB high)."""
+    sv = start("hostile:Where")
+    host, port = sv.tcp("svc")
+    with connect((host, port)) as s:
+        s.sendall(b"where\n")
+        assert recv_until(s) == b"%d %d 65536\r\n" % (s.getsockname()[1], port)
