@@ -28,6 +28,7 @@ def raise_nofile_limit(config: Config, logger: Logger) -> None:
             logger.warning("supervisor.limits_low", service=svc.name, worker_connections=svc.worker_connections,
                            nofile=wanted, error="worker_connections cannot all be open under the descriptor limit")
     if any(svc.event_driven for svc in config.services):
-        from . import aioworker
+        # imported before forking, so that the workers share it
+        from . import aioworker, eventloop  # noqa: F401
 
-        aioworker.preload(config.supervisor.event_loop)
+        eventloop.preload(config.supervisor.event_loop)
