@@ -211,9 +211,9 @@ class Worker:
             poller, servers = self._prepare_poll()
             self.announce_ready()
             code = self._serve(poller, servers)
+            spec.cells[STATE] = State.STOPPING
         if self.access is not None:
             self.access.flush()
-            spec.cells[STATE] = State.STOPPING
         if self.spares is not None:
             self.spares.leave()
         return code
